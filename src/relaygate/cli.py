@@ -1,0 +1,120 @@
+"""The ``relaygate`` command.
+
+Subcommands live in ``relaygate.commands.*`` and are imported only when run
+(a lazy click group), so ``relaygate check`` does not pay for the SMTP server.
+Group options (``--store``, ``--data-dir``, ``--config``, ``--envdir``,
+``--expiry``, ``--rules``, ``--log-format``) apply to every subcommand.
+
+Exit codes: 0 success; 1 a negative answer (``check``: deny); 2 usage error;
+111 temporary failure (store unreachable, configuration error), as qmail does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from relaygate.errors import ConfigError, RelaygateError, StoreError
+
+#: subcommand name -> "module:attribute" (imported on first use)
+COMMANDS: dict[str, str] = {
+    "allow": "relaygate.commands.admin:allow",
+    "check": "relaygate.commands.admin:check",
+    "revoke": "relaygate.commands.admin:revoke",
+    "list": "relaygate.commands.admin:list_",
+    "age": "relaygate.commands.admin:age",
+    "rules": "relaygate.commands.admin:rules",
+}
+
+EXIT_TEMPFAIL = 111
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML configuration file (also $RELAYGATE_CONFIG).")
+@click.option("--envdir", type=click.Path(file_okay=False),
+              help="envdir-style directory with RELAY_CTRL_* variables (e.g. /etc/relay-ctrl).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Data directory (default ./relaygate-data; also $RELAYGATE_DATA_DIR).")
+@click.option("--store", metavar="URL",
+              help="Grant store: sqlite:///PATH, spool:///DIR, redis://HOST:PORT/DB, memory: "
+                   "(also $RELAYGATE_STORE; default SQLite in the data directory).")
+@click.option("--expiry", type=str, metavar="SECONDS",
+              help="How long a login keeps the relay window open (default 900).")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
+              help="Static rules file (tcprules syntax and CIDR lines).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format.")
+@click.version_option(package_name="relaygate")
+@click.pass_context
+def main(ctx: click.Context, **options: Any) -> None:
+    """relaygate: POP-before-SMTP and IMAP-before-SMTP relay control.
+
+    A successful POP3 or IMAP login opens a relay window for the client's
+    address; the SMTP server lets that address relay while the window is open.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["cli"] = {k: v for k, v in options.items() if k != "config_file" and k != "envdir"}
+    ctx.obj["config_file"] = options.get("config_file")
+    ctx.obj["envdir"] = options.get("envdir")
+
+
+def run() -> None:
+    """Console-script entry point with relaygate's exit codes for typed errors."""
+    try:
+        rc = main.main(standalone_mode=False, prog_name="relaygate")
+        if isinstance(rc, int):
+            sys.exit(rc)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except ConfigError as exc:
+        click.echo(f"relaygate: configuration error: {exc}", err=True)
+        sys.exit(EXIT_TEMPFAIL)
+    except StoreError as exc:
+        click.echo(f"relaygate: grant store unreachable: {exc}", err=True)
+        sys.exit(EXIT_TEMPFAIL)
+    except RelaygateError as exc:
+        click.echo(f"relaygate: {exc}", err=True)
+        sys.exit(EXIT_TEMPFAIL)
+
+
+def settings_from(ctx: click.Context, **overrides: Any) -> Any:
+    """Build Settings from the group options, a command's own options and the environment."""
+    from relaygate.config import load_settings
+
+    root = ctx.find_root()
+    obj = root.obj or {}
+    cli = dict(obj.get("cli", {}))
+    config_file = overrides.pop("config_file", None) or obj.get("config_file")
+    envdir = overrides.pop("envdir", None) or obj.get("envdir")
+    cli.update({k: v for k, v in overrides.items() if v is not None})
+    return load_settings(cli=cli, environ=os.environ, config_file=config_file, envdir=envdir)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,1 @@
+"""``relaygate`` subcommands, one module per area, imported lazily by ``relaygate.cli``."""

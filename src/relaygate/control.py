@@ -1,0 +1,116 @@
+"""RelayControl: static rules first, then grants, as one decision.
+
+This is the only place that turns rules and grants into a Decision; the SMTP
+handler, the Postfix policy service, ``relaygate tcpserver`` and the CLI all
+ask it. A StoreError becomes TEMPFAIL here, so no caller can fail open.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from relaygate.addresses import parse_ip
+from relaygate.decision import Decision, Verdict
+from relaygate.errors import InvalidAddress, StoreError
+from relaygate.grants import Grant
+from relaygate.rules import RuleSet
+from relaygate.stores.base import GrantStore
+
+log = logging.getLogger("relaygate.control")
+
+#: relay-ctrl's default window: 15 minutes.
+DEFAULT_EXPIRY = 900.0
+
+
+class RelayControl:
+    """Decide whether a client address may relay; open and close windows."""
+
+    def __init__(
+        self,
+        store: GrantStore,
+        rules: RuleSet | None = None,
+        *,
+        expiry: float = DEFAULT_EXPIRY,
+        relayclient: str = "",
+    ) -> None:
+        if expiry <= 0:
+            raise ValueError("expiry must be positive")
+        self.store = store
+        self.rules = rules if rules is not None else RuleSet.empty()
+        self.expiry = float(expiry)
+        self.relayclient = relayclient
+
+    # -- windows -----------------------------------------------------------
+
+    def allow(self, grant: Grant) -> Grant:
+        """Record a grant (its ip must already be canonical). StoreError propagates."""
+        self.store.put(grant)
+        return grant
+
+    def open_window(
+        self,
+        ip: str,
+        *,
+        user: str | None,
+        domain: str | None = None,
+        source: str,
+        now: float | None = None,
+        ttl: float | None = None,
+    ) -> Grant:
+        """Parse ``ip``, build a grant for ``ttl`` (default: the expiry) and store it."""
+        canonical = parse_ip(ip)
+        t = time.time() if now is None else now
+        grant = Grant(canonical, user, domain, source, t, t + (ttl or self.expiry))
+        return self.allow(grant)
+
+    def revoke(self, ip: str) -> bool:
+        return self.store.delete(parse_ip(ip))
+
+    def revoke_user(self, user: str) -> int:
+        return self.store.delete_user(user)
+
+    def age(self, now: float | None = None) -> int:
+        return self.store.age(time.time() if now is None else now)
+
+    def list(self, now: float | None = None) -> list[Grant]:
+        return self.store.list(time.time() if now is None else now)
+
+    # -- decisions ---------------------------------------------------------
+
+    def decide(self, ip: str, now: float | None = None) -> Decision:
+        """The relay decision for a client address; never raises for bad input or store errors."""
+        try:
+            canonical = parse_ip(ip)
+        except InvalidAddress as exc:
+            return Decision(Verdict.DENY, f"invalid client address: {exc.why}", "invalid")
+        rule = self.rules.match(canonical)
+        if rule is not None:
+            if not rule.allow:
+                return Decision(Verdict.DENY, f"rule {rule.describe()} denies", "rule-deny")
+            if rule.relays:
+                return Decision(
+                    Verdict.ALLOW,
+                    f"rule {rule.describe()}",
+                    "rule",
+                    relayclient=rule.relayclient,
+                    source="rule",
+                )
+        t = time.time() if now is None else now
+        try:
+            grant = self.store.get(canonical, t)
+        except StoreError as exc:
+            log.warning("grant store unreachable, refusing to relay for %s: %s", canonical, exc)
+            return Decision(Verdict.TEMPFAIL, f"grant store unreachable: {exc}", "store")
+        if grant is None:
+            return Decision(Verdict.DENY, "no static rule and no open window", "none")
+        who = grant.user or "(unknown user)"
+        return Decision(
+            Verdict.ALLOW,
+            f"window opened by {who} via {grant.source}, expires in {int(grant.expires_at - t)}s",
+            "grant",
+            relayclient=self.relayclient,
+            user=grant.user,
+            domain=grant.domain,
+            source=grant.source,
+        )

@@ -1,0 +1,91 @@
+"""The Grant: one open relay window for one client address.
+
+A plain ``__slots__`` class, not a dataclass: ``dataclasses`` costs ~25 ms of
+import time, paid by the per-connection chain program ``relay-ctrl-check``.
+"""
+
+from __future__ import annotations
+
+#: Where a grant came from; free text in the stores, these are the ones relaygate writes.
+KNOWN_SOURCES = ("pop3", "imap", "smtp-auth", "qmail", "dovecot", "log", "cli", "policy")
+
+
+class Grant:
+    """A relay window: ``ip`` may relay from ``opened_at`` until ``expires_at`` (epoch seconds).
+
+    ``ip`` is always canonical (see :func:`relaygate.addresses.parse_ip`);
+    ``user`` and ``domain`` are whose login opened it (``None`` when unknown,
+    e.g. a spool file written without ``$USER``).
+    """
+
+    __slots__ = ("domain", "expires_at", "ip", "opened_at", "source", "user")
+
+    ip: str
+    user: str | None
+    domain: str | None
+    source: str
+    opened_at: float
+    expires_at: float
+
+    def __init__(
+        self,
+        ip: str,
+        user: str | None,
+        domain: str | None,
+        source: str,
+        opened_at: float,
+        expires_at: float,
+    ) -> None:
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "user", user)
+        object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "opened_at", float(opened_at))
+        object.__setattr__(self, "expires_at", float(expires_at))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Grant is immutable")
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.ip, self.user, self.domain, self.source, self.opened_at, self.expires_at)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Grant):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"Grant(ip={self.ip!r}, user={self.user!r}, domain={self.domain!r}, "
+            f"source={self.source!r}, opened_at={self.opened_at!r}, expires_at={self.expires_at!r})"
+        )
+
+    def live(self, now: float) -> bool:
+        """True while the window is open (relay-ctrl: ``mtime + expiry >= now``)."""
+        return self.expires_at >= now
+
+    def replace(self, **changes: object) -> Grant:
+        """A copy with some fields changed."""
+        fields = {
+            "ip": self.ip,
+            "user": self.user,
+            "domain": self.domain,
+            "source": self.source,
+            "opened_at": self.opened_at,
+            "expires_at": self.expires_at,
+        }
+        fields.update(changes)
+        return Grant(**fields)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "ip": self.ip,
+            "user": self.user,
+            "domain": self.domain,
+            "source": self.source,
+            "opened_at": self.opened_at,
+            "expires_at": self.expires_at,
+        }

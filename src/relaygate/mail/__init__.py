@@ -1,0 +1,1 @@
+"""The built-in mail system: users, Maildir, the outbound queue and delivery."""

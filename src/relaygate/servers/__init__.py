@@ -1,0 +1,1 @@
+"""asyncio glue: listeners and servers around the sans-I/O protocol cores."""
