@@ -69,7 +69,7 @@ class Grant:
 
     def replace(self, **changes: object) -> Grant:
         """A copy with some fields changed."""
-        fields = {
+        fields: dict[str, object] = {
             "ip": self.ip,
             "user": self.user,
             "domain": self.domain,

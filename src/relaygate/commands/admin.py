@@ -36,8 +36,9 @@ def _control(ctx: click.Context) -> Any:
 def allow(ctx: click.Context, ip: str, user: str | None, domain: str | None, ttl: float | None,
           source: str) -> None:
     """Open a relay window for IP."""
+    canonical = _ip(ip)
     control = _control(ctx)
-    grant = control.open_window(_ip(ip), user=user, domain=domain, source=source, ttl=ttl)
+    grant = control.open_window(canonical, user=user, domain=domain, source=source, ttl=ttl)
     click.echo(f"allowed {grant.ip} until {_fmt_time(grant.expires_at)}"
                f" ({int(grant.expires_at - grant.opened_at)}s)")
 
@@ -51,15 +52,16 @@ def check(ctx: click.Context, ip: str, as_json: bool) -> None:
 
     Exit status: 0 allow, 1 deny, 111 temporary failure (store unreachable).
     """
+    canonical = _ip(ip)
     control = _control(ctx)
-    decision = control.decide(_ip(ip))
+    decision = control.decide(canonical)
     if as_json:
-        click.echo(json.dumps({"ip": parse_ip(ip), **decision.as_dict()}))
+        click.echo(json.dumps({"ip": canonical, **decision.as_dict()}))
     else:
         extra = ""
         if decision.allowed:
             extra = f" RELAYCLIENT={json.dumps(decision.relayclient)}"
-        click.echo(f"{decision.verdict.value} {parse_ip(ip)}: {decision.reason}{extra}")
+        click.echo(f"{decision.verdict.value} {canonical}: {decision.reason}{extra}")
     code = {Verdict.ALLOW: 0, Verdict.DENY: 1, Verdict.TEMPFAIL: EXIT_TEMPFAIL}[decision.verdict]
     ctx.exit(code)
 
@@ -75,9 +77,9 @@ def revoke(ctx: click.Context, ip: str | None, user: str | None) -> None:
     """
     if (ip is None) == (user is None):
         raise click.UsageError("give either IP or --user USER")
+    canonical = _ip(ip) if ip is not None else None
     control = _control(ctx)
-    if ip is not None:
-        canonical = _ip(ip)
+    if canonical is not None:
         found = control.revoke(canonical)
         click.echo(f"revoked {canonical}" if found else f"no window for {canonical}")
         ctx.exit(0 if found else 1)

@@ -41,7 +41,8 @@ class Listen:
         """True for 127.0.0.0/8, ::1 and UNIX sockets (plaintext logins are safe there)."""
         if self.path is not None:
             return True
-        return bool(self.host) and (self.host.startswith("127.") or self.host in ("::1", "localhost"))
+        host = self.host or ""
+        return host.startswith("127.") or host in ("::1", "localhost")
 
 
 def parse_listen(spec: str, *, origin: str = "listener") -> Listen:
