@@ -50,6 +50,12 @@ class SmtpSettings:
     bad_command_limit: int = 10
     #: AUTH only after STARTTLS, except on loopback listeners
     auth_require_tls: bool = True
+    #: loopback listeners count as safe for plaintext AUTH; turn off when a local
+    #: proxy (haproxy, stunnel) forwards remote clients to a loopback listener
+    loopback_plaintext_auth: bool = True
+    #: refused RCPTs (unknown user, relay denied) before the session is ended with 421:
+    #: a dictionary-attack guard, separate from the bad-command budget
+    max_refused_recipients: int = 50
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,12 @@ class Pop3Settings:
     listen_tls: tuple[str, ...] = ("127.0.0.1:1995",)
     #: RFC 1939 section 3: at least 10 minutes
     idle_timeout: float = 600.0
+    #: unknown, misplaced or malformed commands before the server hangs up
+    bad_command_limit: int = 10
+    #: commands in one session (ends NOOP loops that defeat the idle timeout)
+    max_commands: int = 200_000
+    #: simultaneous connections from one client address (real clients use one or two)
+    max_connections_per_ip: int = 20
 
 
 @dataclass(frozen=True)
@@ -92,11 +104,33 @@ class QueueSettings:
     per_destination: int = 5
     connect_timeout: float = 30.0
     postmaster: str = "postmaster"
+    #: seconds to wait for each reply of the next hop (RFC 5321 section 4.5.3.2: 5 minutes)
+    command_timeout: float = 300.0
+    #: send a "delayed" DSN once a message has waited this long (0 = never, the default)
+    delay_warning: float = 0.0
 
 
 @dataclass(frozen=True)
 class PolicySettings:
     listen: tuple[str, ...] = ()
+    #: permissions of a UNIX policy socket (octal); Postfix's smtpd must be able to write it
+    socket_mode: str = "0660"
+    #: group of a UNIX policy socket (e.g. postfix); empty = the daemon's own group
+    socket_group: str | None = None
+    #: seconds a policy connection may stay silent; Postfix closes its own after 300 s
+    idle_timeout: float = 600.0
+    #: threads that run store lookups (Postfix waits for each answer)
+    threads: int = 4
+
+
+@dataclass(frozen=True)
+class LogwatchSettings:
+    #: extra login-line patterns NAME=REGEX (group ip, optional user), matched on TAG[PID]: MESSAGE
+    patterns: tuple[str, ...] = ()
+    #: built-in patterns in use: dovecot, dovecot-log, courier, uw, qpopper, cyrus
+    builtins: tuple[str, ...] = ("dovecot", "dovecot-log", "courier", "uw", "qpopper", "cyrus")
+    #: seconds between checks of followed files for new lines, rotation and truncation
+    interval: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -126,6 +160,8 @@ class Settings:
     group: str | None = None
     #: seconds between aging runs in ``serve``
     age_interval: float = 60.0
+    #: seconds ``serve`` lets transactions in flight finish after SIGTERM
+    shutdown_grace: float = 30.0
     tls: TlsSettings = field(default_factory=TlsSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
@@ -133,6 +169,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    logwatch: LogwatchSettings = field(default_factory=LogwatchSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
@@ -176,12 +213,15 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 _POSITIVE = {
-    "expiry", "age_interval", "smtp.max_message_size", "smtp.max_recipients",
+    "expiry", "age_interval", "shutdown_grace", "smtp.max_message_size", "smtp.max_recipients",
     "smtp.command_timeout", "smtp.data_timeout", "smtp.max_connections_per_ip",
     "smtp.bad_command_limit", "pop3.idle_timeout", "imap.idle_timeout",
+    "pop3.bad_command_limit", "pop3.max_commands", "pop3.max_connections_per_ip",
+    "smtp.max_refused_recipients",
     "imap.max_literal_unauth", "imap.max_literal", "auth.throttle_failures",
     "auth.throttle_window", "auth.throttle_lockout", "queue.lifetime", "queue.concurrency",
-    "queue.per_destination", "queue.connect_timeout",
+    "queue.per_destination", "queue.connect_timeout", "queue.command_timeout",
+    "policy.idle_timeout", "policy.threads", "logwatch.interval",
 }
 
 

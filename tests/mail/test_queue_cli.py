@@ -1,0 +1,160 @@
+"""`relaygate queue list|show|flush|delete|run`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from relaygate.cli import main
+from relaygate.mail.queue import Queue
+
+from .test_queue_helpers import message
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def cli(data_dir: Path, *args: str, config: Path | None = None):
+    pre = ["--data-dir", str(data_dir)]
+    if config is not None:
+        pre = ["--config", str(config), *pre]
+    return CliRunner().invoke(main, [*pre, "queue", *args], catch_exceptions=False)
+
+
+def test_list_empty(data_dir: Path) -> None:
+    r = cli(data_dir, "list")
+    assert r.exit_code == 0
+    assert "queue is empty" in r.output
+    assert json.loads(cli(data_dir, "list", "--json").output) == []
+
+
+def test_list_and_show(data_dir: Path) -> None:
+    q = Queue(data_dir / "queue")
+    qid = q.enqueue("alice@example.org", ["bob@example.net", "carol@example.net"],
+                    message("about lunch"))
+    env = q.load(qid)
+    env.attempts = 2
+    env.next_attempt = time.time() + 600
+    env.recipients[0].last_error = env.last_error = "451 4.7.1 greylisted"
+    q.save(env)
+    r = cli(data_dir, "list")
+    assert r.exit_code == 0
+    line = r.output.splitlines()[1]
+    for part in (qid, "alice@example.org", "bob@example.net (+1)", "2", "in 9m",
+                 "451 4.7.1 greylisted"):
+        assert part in line
+    (item,) = json.loads(cli(data_dir, "list", "--json").output)
+    assert item["id"] == qid and item["attempts"] == 2
+    assert [r_["addr"] for r_ in item["recipients"]] == ["bob@example.net", "carol@example.net"]
+    shown = cli(data_dir, "show", qid)
+    assert shown.exit_code == 0
+    assert "Subject: about lunch" in shown.output
+    assert "pending  bob@example.net  tries=0  (451 4.7.1 greylisted)" in shown.output
+    doc = json.loads(cli(data_dir, "show", qid, "--json").output)
+    assert doc["envelope"]["sender"] == "alice@example.org"
+    assert "Subject: about lunch" in doc["headers"]
+
+
+def test_show_unknown_and_bad_ids(data_dir: Path) -> None:
+    assert cli(data_dir, "show", "0" * 24).exit_code == 1
+    r = cli(data_dir, "show", "../../etc/passwd")
+    assert r.exit_code == 2
+    assert "not a queue id" in r.output
+
+
+def test_list_shows_corrupt_envelopes(data_dir: Path) -> None:
+    q = Queue(data_dir / "queue")
+    qid = q.new_id()
+    (q.env_dir / qid).write_bytes(b"{")
+    assert "corrupt envelope" in cli(data_dir, "list").output
+    assert "corrupt" in json.loads(cli(data_dir, "list", "--json").output)[0]
+
+
+def test_delete_needs_yes(data_dir: Path) -> None:
+    q = Queue(data_dir / "queue")
+    qid = q.enqueue("a@b.c", ["d@e.f"], b"x")
+    r = cli(data_dir, "delete", qid)
+    assert r.exit_code == 2
+    assert "--yes" in r.output
+    assert q.ids() == [qid]
+    r = cli(data_dir, "delete", qid, "--yes")
+    assert r.exit_code == 0 and q.ids() == []
+    assert not (q.msg_dir / qid).exists()
+    assert cli(data_dir, "delete", qid, "--yes").exit_code == 1
+
+
+def test_flush_without_worker_marks_all_due(data_dir: Path) -> None:
+    q = Queue(data_dir / "queue")
+    qid = q.enqueue("a@b.c", ["d@e.f"], b"x")
+    env = q.load(qid)
+    env.next_attempt = time.time() + 9999
+    q.save(env)
+    r = cli(data_dir, "flush")
+    assert r.exit_code == 0 and "1 message marked due" in r.output
+    assert q.load(qid).next_attempt <= time.time()
+    assert not (q.directory / "flush").exists()
+
+
+def test_flush_with_worker_running_asks_it(data_dir: Path) -> None:
+    q = Queue(data_dir / "queue")
+    with q.lock():
+        r = cli(data_dir, "flush")
+    assert r.exit_code == 0 and "asked the running delivery worker" in r.output
+    assert (q.directory / "flush").exists()
+
+
+def test_run_refuses_bad_smtproutes(data_dir: Path, tmp_path: Path) -> None:
+    from relaygate.errors import ConfigError
+
+    config = tmp_path / "c.toml"
+    config.write_text('smtproutes = ["example.com:[::1"]\n')
+    with pytest.raises(ConfigError) as err:
+        cli(data_dir, "run", "--once", config=config)
+    assert "smtproutes" in str(err.value)
+
+
+def test_run_once_delivers(data_dir: Path, tmp_path: Path) -> None:
+    import asyncio
+    import sys
+
+    from .test_queue_helpers import Sink
+
+    async def scenario() -> list[str]:
+        sink = await Sink().start()
+        config = tmp_path / "c.toml"
+        config.write_text(f'hostname = "relay.test"\nsmtproutes = [":127.0.0.1:{sink.port}"]\n')
+        q = Queue(data_dir / "queue")
+        q.enqueue("a@example.org", ["b@example.net"], message("cli"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relaygate.cli", "--config", str(config),
+            "--data-dir", str(data_dir), "queue", "run", "--once",
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        await sink.stop()
+        assert proc.returncode == 0, err.decode()
+        assert q.ids() == []
+        return sink.delivered_to()
+
+    assert asyncio.run(scenario()) == ["b@example.net"]
+
+
+def test_run_while_another_worker_runs_is_a_temporary_failure(data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    q = Queue(data_dir / "queue")
+    config = tmp_path / "c.toml"
+    config.write_text('smtproutes = [":127.0.0.1:1"]\n')
+    with q.lock():
+        p = subprocess.run([sys.executable, "-m", "relaygate.cli", "--config", str(config),
+                            "--data-dir", str(data_dir), "queue", "run", "--once"],
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 111
+    assert "another process is running the delivery worker" in p.stderr
