@@ -49,6 +49,14 @@ class Directory(Protocol):
         """Check a password (off the event loop), applying throttling for ``ip`` and ``login``."""
         ...
 
+    def find_account(self, login: str) -> Account | None:
+        """The account whose login is ``login`` (case-insensitive), or None.
+
+        The SMTP server uses it for sender binding: a relay window names the
+        login that opened it, and MAIL FROM must be one of that account's addresses.
+        """
+        ...
+
 
 @dataclass
 class StaticDirectory:
@@ -58,6 +66,10 @@ class StaticDirectory:
 
     def add(self, account: Account, password: str) -> None:
         self.accounts[account.login.lower()] = (account, password)
+
+    def find_account(self, login: str) -> Account | None:
+        entry = self.accounts.get(login.lower())
+        return entry[0] if entry is not None else None
 
     def find_recipient(self, address: str) -> Account | None:
         a = address.lower()

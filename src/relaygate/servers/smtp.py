@@ -1,0 +1,598 @@
+"""The SMTP services: smtp, submission and smtps listeners on aiosmtpd, and ``--stdio``.
+
+Theory of operation
+-------------------
+aiosmtpd speaks the protocol (RFC 5321, ESMTP SIZE RFC 1870, 8BITMIME
+RFC 6152, STARTTLS RFC 3207, AUTH RFC 4954); :class:`RelaySMTP` is a thin
+subclass that adds what a public server needs and aiosmtpd leaves out, and
+:class:`relaygate.servers.smtp_handler.RelayHandler` makes every decision.
+The subclass:
+
+- parses MAIL/RCPT paths with relaygate's strict RFC 5321 parser instead of
+  the RFC 5322 header parser (which silently drops source routes and
+  comments), so the handler sees exactly what the client sent;
+- limits connections per client address (``421 4.7.0``), ends a session with
+  ``421 4.7.0`` after ``bad_command_limit`` error replies or
+  ``max_refused_recipients`` refused recipients, and says ``421 4.4.2``
+  before closing an idle connection;
+- times DATA by inactivity (``data_timeout`` since the last bytes), not by
+  the command timeout, so a large message on a slow link is not cut off;
+- refuses AUTH inside a mail transaction (RFC 4954 section 4) and accepts
+  mechanism names in any case.
+
+Services (``make_services``): ``smtp`` (port 25 style; STARTTLS when a
+certificate is configured), ``submission`` (RFC 6409; same rules, STARTTLS)
+and ``smtps`` (RFC 8314 implicit TLS, only with a certificate). All share one
+handler and one per-address connection count. Plaintext AUTH is offered only
+after TLS, unless the listener is loopback (and ``loopback_plaintext_auth``),
+or ``smtp.auth_require_tls = false`` / ``auth.allow_plaintext = true``.
+
+``serve_stdio`` runs one session on descriptors 0 and 1 (qmail-smtpd's place
+under tcpserver): the client address comes from ``$TCPREMOTEIP`` and the
+relay decision from ``$RELAYCLIENT`` (read by the command, passed in here).
+The protocol runs on one end of a socketpair and two pumps copy bytes between
+the other end and stdin/stdout, so STARTTLS and timeouts work as on a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from relaygate.addresses import parse_ip
+from relaygate.errors import ConfigError, InvalidAddress
+from relaygate.mail.rcpthosts import RcptHosts
+from relaygate.protocols.smtp_address import split_path
+from relaygate.servers.base import Listen, parse_listen
+from relaygate.servers.smtp_handler import (
+    ClientState,
+    RelayEnvelope,
+    RelayHandler,
+    RelaySession,
+)
+
+if TYPE_CHECKING:
+    from relaygate.decision import Decision
+    from relaygate.servers.base import Context, Service
+
+log = logging.getLogger("relaygate.smtp")
+
+IDENT = "ESMTP relaygate"
+#: RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+COMMAND_LINE_LIMIT = 512
+#: RFC 1870 3: SIZE adds up to 26 octets to a MAIL command line.
+SIZE_PARAMETER_EXTRA = 26
+#: bytes moved per read by the --stdio pumps
+PUMP_CHUNK = 65536
+#: how often stop() looks for sessions that finished their transaction
+STOP_POLL = 0.05
+
+
+class ConnectionLimiter:
+    """Open connections per client address, shared by every SMTP listener."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def acquire(self, ip: str | None) -> bool:
+        if ip is None:
+            return True
+        n = self.counts.get(ip, 0)
+        if n >= self.limit:
+            return False
+        self.counts[ip] = n + 1
+        return True
+
+    def release(self, ip: str | None) -> None:
+        if ip is None:
+            return
+        n = self.counts.get(ip, 0) - 1
+        if n > 0:
+            self.counts[ip] = n
+        else:
+            self.counts.pop(ip, None)
+
+
+@dataclass(frozen=True)
+class ListenerInfo:
+    """Per-listener facts a session needs."""
+
+    service: str
+    plaintext_auth: bool
+    implicit_tls: bool = False
+    #: ``--stdio``: the client address from $TCPREMOTEIP (None: unknown)
+    ip_override: str | None = None
+    use_override: bool = False
+    fixed: Decision | None = None
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with limits, strict paths and relaygate's session state."""
+
+    client: ClientState
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's __init__ finds smtp_*/auth_* methods with dir() and
+        # inspect.getmembers() on every new connection, which evaluates every
+        # attribute (about a millisecond a connection); list only those names.
+        return _SMTP_NAMES
+
+    def __init__(self, handler: RelayHandler, *, info: ListenerInfo, owner: SmtpService,
+                 data_timeout: float, bad_command_limit: int, max_refused: int,
+                 **kwargs: Any) -> None:
+        # aiosmtpd keeps these limits in a class-level dict that every
+        # connection would share and grow; give each connection its own.
+        self.command_size_limits = _command_limits()
+        super().__init__(handler, **kwargs)
+        self._info = info
+        self._owner = owner
+        self._data_timeout = data_timeout
+        self._bad_limit = bad_command_limit
+        self._max_refused = max_refused
+        self._bad = 0
+        self._in_data = False
+        self._last_read = 0.0
+        self._refused = False
+        self._gone = False
+        self._eof_pending = False
+        self.client = ClientState(None, info.service, info.plaintext_auth,
+                                  tls=info.implicit_tls, fixed=info.fixed)
+
+    # -- connection bookkeeping ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:
+            self.client.ip = self._client_ip(transport)
+            if not self._owner.limiter.acquire(self.client.ip):
+                self._refused = True
+                log.warning("too many connections from %s", self.client.ip)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(f"421 4.7.0 {self.hostname} too many connections from your "
+                                "address, try again later\r\n".encode("ascii", "replace"))
+                transport.close()
+                return
+            self._owner.opened(self)
+        else:
+            # STARTTLS: RFC 3207 4.2, forget what the client told us before.
+            self.client.account = None
+            self.client.tls = True
+        self._last_read = self.loop.time()
+        super().connection_made(transport)
+
+    def _client_ip(self, transport: asyncio.BaseTransport) -> str | None:
+        if self._info.use_override:
+            return self._info.ip_override
+        peer = transport.get_extra_info("peername")
+        if not isinstance(peer, tuple) or not peer:
+            return None  # a UNIX socket
+        try:
+            return parse_ip(str(peer[0]))
+        except InvalidAddress:
+            return None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if not self._gone:
+            self._gone = True
+            self._owner.limiter.release(self.client.ip)
+            self._owner.closed(self)
+        if self._handler_coroutine is None:
+            return
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd drops every command still buffered when the client half-closes
+        # (a script piping a whole session into --stdio does that): answer them
+        # first, then close (see push()).
+        if not self.client.tls and b"\n" in self._buffered() and self._handler_coroutine \
+                and not self._handler_coroutine.done():
+            self._eof_pending = True
+            return True
+        return super().eof_received()
+
+    def _buffered(self) -> bytes:
+        return bytes(getattr(self._reader, "_buffer", b""))
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        if self._in_data:
+            idle = self.loop.time() - self._last_read
+            if idle < self._data_timeout:
+                self._reset_timeout(self._data_timeout - idle)
+                return
+        log.info("timeout for %s", self.client.shown_ip)
+        self._say(f"421 4.4.2 {self.hostname} timeout, closing connection")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _say(self, line: str) -> None:
+        """Write a final line straight to the transport (no flow control needed)."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            with contextlib.suppress(Exception):
+                transport.write(line.encode("ascii", "replace") + b"\r\n")
+
+    @property
+    def busy(self) -> bool:
+        """True while a mail transaction is open (stop() lets it finish)."""
+        env = self.envelope
+        return self._in_data or bool(env is not None and env.mail_from)
+
+    def shutdown(self, text: str = "Service shutting down") -> None:
+        self._say(f"421 4.3.2 {self.hostname} {text}")
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- replies and budgets -------------------------------------------------
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        if self._eof_pending and b"\n" not in self._buffered() and self.transport is not None:
+            self.transport.close()
+        first = status[:1]
+        if first not in ("5", b"5"):
+            self.client.policy_reply = False
+            return
+        if self.client.policy_reply:
+            self.client.policy_reply = False
+            if self.client.refused_recipients < self._max_refused:
+                return
+            why = "too many refused recipients"
+        else:
+            self._bad += 1
+            if self._bad < self._bad_limit:
+                return
+            why = "too many errors"
+        log.warning("ending session with %s: %s", self.client.shown_ip, why)
+        self._say(f"421 4.7.0 {self.hostname} {why}, closing connection")
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- commands --------------------------------------------------------------
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._in_data = True
+        self._last_read = self.loop.time()
+        self._reset_timeout(self._data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+            if self.transport is not None:
+                self._reset_timeout()
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
+        if arg:
+            mechanism, sp, rest = arg.partition(" ")
+            arg = mechanism.upper() + sp + rest
+        await super().smtp_AUTH(arg)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await super().smtp_EHLO(hostname)
+        # aiosmtpd adds the SIZE allowance on every EHLO; keep it fixed.
+        self.command_size_limits["MAIL"] = COMMAND_LINE_LIMIT + SIZE_PARAMETER_EXTRA
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The raw path (the handler parses it) and the parameters; ``<>`` for the null path."""
+        if not arg.strip():
+            return "", ""
+        split = split_path(arg)
+        if split is None:
+            return None, None
+        path, rest = split
+        return (path or "<>"), rest
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+
+#: the names aiosmtpd looks up on the protocol object (see RelaySMTP.__dir__)
+_SMTP_NAMES = sorted(n for n in dir(RelaySMTP) if n.startswith(("smtp_", "auth_")))
+
+
+def _command_limits() -> Any:
+    import collections
+
+    return collections.defaultdict(lambda: COMMAND_LINE_LIMIT)
+
+
+class SmtpService:
+    """One kind of SMTP listener (smtp, submission or smtps) on one or more addresses."""
+
+    def __init__(self, name: str, ctx: Context, handler: RelayHandler,
+                 listens: list[Listen], *, tls_context: ssl.SSLContext | None,
+                 implicit_tls: bool = False, limiter: ConnectionLimiter | None = None) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.handler = handler
+        self.listens = listens
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        s = ctx.settings.smtp
+        self.limiter = limiter or ConnectionLimiter(s.max_connections_per_ip)
+        self.servers: list[asyncio.Server] = []
+        self.bound: list[str] = []
+        self.sessions: set[RelaySMTP] = set()
+        self._started = False
+        #: called when the last session closes (``serve_stdio`` waits on it)
+        self.on_empty: Callable[[], None] | None = None
+
+    def listeners(self) -> list[str]:
+        shown = self.bound or [str(x) for x in self.listens]
+        return [f"{self.name} {x}" for x in shown]
+
+    def plaintext_auth(self, loopback: bool) -> bool:
+        """May AUTH PLAIN/LOGIN run without TLS on a listener of this kind?"""
+        st = self.ctx.settings
+        return (not st.smtp.auth_require_tls or st.auth.allow_plaintext
+                or (loopback and st.smtp.loopback_plaintext_auth))
+
+    def make_protocol(self, info: ListenerInfo) -> RelaySMTP:
+        st = self.ctx.settings
+        s = st.smtp
+        starttls = None if self.implicit_tls else self.tls_context
+        return RelaySMTP(
+            self.handler, info=info, owner=self,
+            data_timeout=s.data_timeout, bad_command_limit=s.bad_command_limit,
+            max_refused=s.max_refused_recipients,
+            hostname=self.handler.hostname, ident=IDENT,
+            data_size_limit=s.max_message_size, tls_context=starttls,
+            timeout=s.command_timeout,
+            auth_require_tls=not (info.plaintext_auth or info.implicit_tls),
+            enable_SMTPUTF8=False, decode_data=False,
+            loop=asyncio.get_running_loop())
+
+    def _factory(self, listen: Listen) -> Callable[[], RelaySMTP]:
+        info = ListenerInfo(self.name, self.plaintext_auth(listen.loopback), self.implicit_tls)
+        return lambda: self.make_protocol(info)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        tls = self.tls_context if self.implicit_tls else None
+        try:
+            for listen in self.listens:
+                factory = self._factory(listen)
+                if listen.path is not None:
+                    server = await loop.create_unix_server(factory, listen.path, ssl=tls)
+                    self.bound.append(f"unix:{listen.path}")
+                else:
+                    # ":PORT" means every address, IPv4 and IPv6.
+                    host = None if listen.host == "::" else listen.host
+                    assert listen.port is not None
+                    server = await loop.create_server(factory, host, listen.port, ssl=tls,
+                                                      reuse_address=True)
+                    for sock in server.sockets:
+                        addr = sock.getsockname()
+                        h = str(addr[0])
+                        self.bound.append(f"[{h}]:{addr[1]}" if ":" in h else f"{h}:{addr[1]}")
+                self.servers.append(server)
+        except BaseException:
+            for server in self.servers:
+                server.close()
+            self.servers.clear()
+            raise
+        self.handler.retain()
+        self._started = True
+        log.info("%s listening on %s", self.name, ", ".join(self.bound))
+
+    def opened(self, proto: RelaySMTP) -> None:
+        self.sessions.add(proto)
+        self.ctx.metrics.connections.labels(self.name).inc()
+
+    def closed(self, proto: RelaySMTP) -> None:
+        if proto in self.sessions:
+            self.sessions.discard(proto)
+            self.ctx.metrics.connections.labels(self.name).dec()
+            if not self.sessions and self.on_empty is not None:
+                self.on_empty()
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting; idle sessions get 421, open transactions up to ``grace`` seconds."""
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.sessions:
+            for proto in list(self.sessions):
+                if not proto.busy:
+                    proto.shutdown()
+                    self.closed(proto)
+            if not self.sessions or loop.time() >= deadline:
+                break
+            await asyncio.sleep(STOP_POLL)
+        for proto in list(self.sessions):
+            proto.shutdown("Service shutting down, transaction aborted")
+            self.closed(proto)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
+        self.servers.clear()
+        if self._started:
+            self._started = False
+            self.handler.release()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read rcpthosts (shared by every SMTP service)."""
+        self.handler.reload()
+
+
+def tls_context(ctx: Context) -> ssl.SSLContext | None:
+    """The shared server context from ``serve``, else one built from ``tls.cert``/``tls.key``."""
+    shared = ctx.extra.get("ssl_context")
+    if isinstance(shared, ssl.SSLContext):
+        return shared
+    t = ctx.settings.tls
+    if t.cert is None or t.key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(t.cert, t.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate ({exc})", source=str(t.cert)) from None
+    return context
+
+
+def make_services(ctx: Context) -> list[Service]:
+    """smtp, submission and (with a certificate) smtps services from ``ctx.settings``."""
+    s = ctx.settings
+    handler = RelayHandler(ctx, RcptHosts.from_settings(s))
+    limiter = ConnectionLimiter(s.smtp.max_connections_per_ip)
+    tls = tls_context(ctx)
+    out: list[Service] = []
+    kinds = (("smtp", "smtp.listen", s.smtp.listen, False),
+             ("submission", "smtp.submission", s.smtp.submission, False),
+             ("smtps", "smtp.smtps", s.smtp.smtps, True))
+    for name, key, specs, implicit in kinds:
+        if not specs or (implicit and tls is None):
+            continue
+        listens = [parse_listen(spec, origin=key) for spec in specs]
+        out.append(SmtpService(name, ctx, handler, listens, tls_context=tls,
+                               implicit_tls=implicit, limiter=limiter))
+    return out
+
+
+# -- one session on stdin/stdout ------------------------------------------------
+
+
+async def serve_stdio(ctx: Context, *, remote_ip: str | None, fixed: Decision | None,
+                      local_loopback: bool = False, stdin_fd: int = 0,
+                      stdout_fd: int = 1) -> None:
+    """Run one SMTP session on ``stdin_fd``/``stdout_fd`` and return when it ends.
+
+    ``fixed`` replaces RelayControl for this session (None: ask it).
+    """
+    handler = RelayHandler(ctx, RcptHosts.from_settings(ctx.settings))
+    service = SmtpService("smtp-stdio", ctx, handler, [], tls_context=tls_context(ctx),
+                          limiter=ConnectionLimiter(1))
+    info = ListenerInfo(service.name, service.plaintext_auth(local_loopback),
+                        ip_override=remote_ip, use_override=True, fixed=fixed)
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    service.on_empty = ended.set
+    handler.retain()
+    try:
+        if stat.S_ISSOCK(os.fstat(stdin_fd).st_mode):
+            # tcpserver/inetd: descriptors 0 and 1 are the client's socket; use it directly.
+            sock = socket.socket(fileno=os.dup(stdin_fd))
+            try:
+                await loop.connect_accepted_socket(lambda: service.make_protocol(info), sock)
+                await ended.wait()
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # FIN now, not when the process exits
+        else:
+            await _bridge(loop, service, info, stdin_fd, stdout_fd)
+    finally:
+        handler.release()
+
+
+async def _bridge(loop: asyncio.AbstractEventLoop, service: SmtpService, info: ListenerInfo,
+                  stdin_fd: int, stdout_fd: int) -> None:
+    """Pipes or files: the session runs on a socketpair, two pumps copy the bytes."""
+    server_sock, client_sock = socket.socketpair()
+    try:
+        await loop.connect_accepted_socket(lambda: service.make_protocol(info), server_sock)
+        reader, writer = await asyncio.open_connection(sock=client_sock)
+    except BaseException:
+        server_sock.close()
+        client_sock.close()
+        raise
+    out = await _Output.open(loop, stdout_fd)
+    pump_in = asyncio.create_task(_pump_stdin(loop, stdin_fd, writer))
+    try:
+        while True:
+            chunk = await reader.read(PUMP_CHUNK)
+            if not chunk:
+                break
+            await out.write(chunk)
+    finally:
+        pump_in.cancel()
+        with contextlib.suppress(BaseException):
+            await pump_in
+        await out.close()
+        writer.close()
+        for proto in list(service.sessions):
+            proto.shutdown()
+
+
+async def _pump_stdin(loop: asyncio.AbstractEventLoop, fd: int,
+                      writer: asyncio.StreamWriter) -> None:
+    if _is_stream(fd):
+        reader = asyncio.StreamReader(limit=PUMP_CHUNK)
+        pipe = os.fdopen(fd, "rb", buffering=0, closefd=False)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        try:
+            while chunk := await reader.read(PUMP_CHUNK):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            transport.close()
+    else:
+        # A regular file never blocks, so a thread read cannot hang the exit.
+        while chunk := await asyncio.to_thread(os.read, fd, PUMP_CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+def _is_stream(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+
+
+class _Output:
+    """stdout as an asyncio write pipe (pipes, sockets, ttys) or plain writes (files)."""
+
+    def __init__(self, fd: int, writer: asyncio.StreamWriter | None) -> None:
+        self.fd = fd
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, loop: asyncio.AbstractEventLoop, fd: int) -> _Output:
+        if not _is_stream(fd):
+            return cls(fd, None)
+        pipe = os.fdopen(fd, "wb", buffering=0, closefd=False)
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, pipe)
+        return cls(fd, asyncio.StreamWriter(transport, protocol, None, loop))
+
+    async def write(self, data: bytes) -> None:
+        if self.writer is not None:
+            self.writer.write(data)
+            await self.writer.drain()
+            return
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                await self.writer.drain()
+            self.writer.close()
