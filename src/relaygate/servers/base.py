@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from relaygate.metrics import Metrics
 
 
+#: listen(2) backlog for every service: asyncio's default of 100 drops the tail of a
+#: burst of connects (1000 clients at once left 100 without a greeting); the kernel
+#: caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
 @dataclass(frozen=True)
 class Listen:
     """A parsed listener address: TCP host and port, or a UNIX socket path."""

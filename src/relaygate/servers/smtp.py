@@ -53,7 +53,7 @@ from relaygate.addresses import parse_ip
 from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import split_path
-from relaygate.servers.base import Listen, parse_listen
+from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
 from relaygate.servers.smtp_handler import (
     ClientState,
     RelayEnvelope,
@@ -376,14 +376,16 @@ class SmtpService:
             for listen in self.listens:
                 factory = self._factory(listen)
                 if listen.path is not None:
-                    server = await loop.create_unix_server(factory, listen.path, ssl=tls)
+                    server = await loop.create_unix_server(factory, listen.path, ssl=tls,
+                                                           backlog=LISTEN_BACKLOG)
                     self.bound.append(f"unix:{listen.path}")
                 else:
                     # ":PORT" means every address, IPv4 and IPv6.
                     host = None if listen.host == "::" else listen.host
                     assert listen.port is not None
                     server = await loop.create_server(factory, host, listen.port, ssl=tls,
-                                                      reuse_address=True)
+                                                      reuse_address=True,
+                                                      backlog=LISTEN_BACKLOG)
                     for sock in server.sockets:
                         addr = sock.getsockname()
                         h = str(addr[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from relaygate.addresses import require_canonical
 from relaygate.grants import Grant
 
 
@@ -15,10 +16,12 @@ class MemoryStore:
         self._lock = threading.Lock()
 
     def put(self, grant: Grant) -> None:
+        require_canonical(grant.ip)  # the same refusal as the real stores
         with self._lock:
             self._grants[grant.ip] = grant
 
     def get(self, ip: str, now: float) -> Grant | None:
+        require_canonical(ip)
         with self._lock:
             g = self._grants.get(ip)
             if g is None:
@@ -29,6 +32,7 @@ class MemoryStore:
             return g
 
     def delete(self, ip: str) -> bool:
+        require_canonical(ip)
         with self._lock:
             return self._grants.pop(ip, None) is not None
 

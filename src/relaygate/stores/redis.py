@@ -1,0 +1,305 @@
+"""Redis grant store: one live view shared by several POP/IMAP and SMTP hosts.
+
+Theory of operation
+-------------------
+Key layout (``P`` is the prefix, default ``relaygate:grant:``)::
+
+    P<ip>            hash {user, domain, source, opened_at, expires_at}
+                     (user/domain absent when unknown), PEXPIREAT expires_at
+    P@expiry         sorted set: member <ip>, score expires_at
+    P@user:<user>    set of the <ip>s whose grant that user opened,
+                     PEXPIREAT the latest of those grants' expiries
+
+``<ip>`` is always the canonical address, so ``@`` (which no address
+contains) keeps the index keys apart from grant keys. Every change runs as
+one Lua script (https://redis.io/docs/latest/develop/interactive/programmability/eval-intro/),
+so the hash, the expiry index and the user index never disagree, even with
+many hosts writing.
+
+Semantics:
+
+- Redis itself removes a grant's hash when its TTL runs out, so ``get`` works
+  without anyone aging the store. ``get`` and ``list`` also compare
+  ``expires_at`` with the caller's ``now`` (clocks of the hosts may differ from
+  the Redis server's by a little).
+- ``age(now)`` removes the index entries (and any hash still there) of grants
+  with ``expires_at < now`` and returns how many there were: the number of
+  grants that expired since the last ``age``, whether or not Redis had already
+  dropped their hashes. It works through the sorted set in batches of
+  :data:`AGE_BATCH`, so it costs what expired and never blocks Redis for long.
+- ``list(now)`` reads the sorted set from ``now`` upwards (never ``KEYS`` or a
+  scan of the keyspace) and fetches those hashes in pipelined batches.
+- ``delete_user`` reads the user's set and removes the grants that still name
+  that user (a later login by someone else from the same address is kept).
+
+Sockets time out after :data:`CONNECT_TIMEOUT` / :data:`SOCKET_TIMEOUT`
+seconds with one immediate retry, so a dead Redis turns into
+:class:`StoreError` (TEMPFAIL) within a couple of seconds instead of hanging an
+SMTP session. Every ``redis.exceptions.RedisError`` and ``OSError`` becomes
+StoreError. The scripts address keys they compute from the prefix, so Redis
+Cluster is only supported with a hash-tagged prefix (e.g. ``{relaygate}:``)
+that puts every key in one slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from relaygate.addresses import require_canonical
+from relaygate.errors import ConfigError, StoreError
+from relaygate.grants import Grant
+
+DEFAULT_PREFIX = "relaygate:grant:"
+
+#: Seconds to wait for a TCP connection: a dead Redis must give TEMPFAIL fast.
+CONNECT_TIMEOUT = 1.0
+
+#: Seconds to wait for a reply: our commands are O(1) or small batches.
+SOCKET_TIMEOUT = 1.0
+
+#: Retries after a connection error (one: a pooled connection may be stale after a restart).
+RETRIES = 1
+
+#: Expired grants removed per script call in age(): bounds how long Redis is busy with us.
+AGE_BATCH = 1000
+
+#: Hashes fetched per pipeline round trip in list().
+LIST_BATCH = 1000
+
+_PUT = """
+local old = redis.call('HGET', KEYS[1], 'user')
+if old and (ARGV[2] ~= '1' or old ~= ARGV[3]) then
+  redis.call('SREM', ARGV[10] .. old, ARGV[1])
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'source', ARGV[6], 'opened_at', ARGV[7], 'expires_at', ARGV[8])
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'domain', ARGV[5]) end
+local exp = tonumber(ARGV[9])
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'user', ARGV[3])
+  local us = ARGV[10] .. ARGV[3]
+  redis.call('SADD', us, ARGV[1])
+  local ttl = redis.call('PTTL', us)
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if ttl < 0 or now_ms + ttl < exp then redis.call('PEXPIREAT', us, exp) end
+end
+redis.call('PEXPIREAT', KEYS[1], exp)
+redis.call('ZADD', KEYS[2], ARGV[8], ARGV[1])
+return 1
+"""
+
+_DELETE = """
+local u = redis.call('HGET', KEYS[1], 'user')
+if u then redis.call('SREM', ARGV[2] .. u, ARGV[1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])
+"""
+
+_DELETE_USER = """
+local ips = redis.call('SMEMBERS', KEYS[1])
+local n = 0
+for _, ip in ipairs(ips) do
+  local k = ARGV[1] .. ip
+  if redis.call('HGET', k, 'user') == ARGV[2] then
+    redis.call('DEL', k)
+    redis.call('ZREM', KEYS[2], ip)
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+return n
+"""
+
+_AGE = """
+local ips = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1],
+                       'LIMIT', 0, tonumber(ARGV[3]))
+for _, ip in ipairs(ips) do
+  local k = ARGV[2] .. ip
+  local u = redis.call('HGET', k, 'user')
+  if u then redis.call('SREM', ARGV[4] .. u, ip) end
+  redis.call('DEL', k)
+end
+if #ips > 0 then redis.call('ZREM', KEYS[1], unpack(ips)) end
+return #ips
+"""
+
+
+
+def _num(value: float) -> str:
+    # repr() round-trips a float exactly; Redis parses it with strtod.
+    return repr(float(value))
+
+
+class RedisStore:
+    """Grants in Redis (see the module docstring); ``client`` is a sync ``redis.Redis``."""
+
+    kind = "redis"
+
+    def __init__(
+        self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, owns_client: bool = False
+    ) -> None:
+        if not prefix:
+            raise ValueError("the Redis key prefix must not be empty")
+        self.client = client
+        self.prefix = prefix
+        self._expiry_key = prefix + "@expiry"
+        self._user_prefix = prefix + "@user:"
+        self._owns_client = owns_client
+        self._put = client.register_script(_PUT)
+        self._delete = client.register_script(_DELETE)
+        self._delete_user = client.register_script(_DELETE_USER)
+        self._age = client.register_script(_AGE)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        """``redis://[user:pass@]host:port/db?prefix=...`` (or ``rediss://`` for TLS).
+
+        ``prefix`` sets the key prefix; other query options go to redis-py
+        (e.g. ``socket_timeout=2``), overriding our short defaults.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigError("Redis store URL must start with redis:// or rediss://", value=url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefix = DEFAULT_PREFIX
+        rest = []
+        for key, value in query:
+            if key == "prefix":
+                prefix = value
+            else:
+                rest.append((key, value))
+        if not prefix:
+            raise ConfigError("Redis key prefix must not be empty", value=url)
+        clean = urlunsplit(parts._replace(query=urlencode(rest)))
+        try:
+            client = redis.Redis.from_url(
+                clean,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                socket_timeout=SOCKET_TIMEOUT,
+                retry=Retry(NoBackoff(), RETRIES),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis store URL ({exc})", value=url) from None
+        return cls(client, prefix, owns_client=True)
+
+    def _error(self, what: str, exc: Exception) -> StoreError:
+        return StoreError(f"redis: {what}: {type(exc).__name__}: {exc}")
+
+    def _key(self, ip: str) -> str:
+        return self.prefix + ip
+
+    @staticmethod
+    def _grant(ip: str, fields: dict[bytes, bytes]) -> Grant:
+        try:
+            user = fields.get(b"user")
+            domain = fields.get(b"domain")
+            return Grant(
+                ip,
+                None if user is None else user.decode("utf-8"),
+                None if domain is None else domain.decode("utf-8"),
+                fields.get(b"source", b"").decode("utf-8") or "unknown",
+                float(fields[b"opened_at"]),
+                float(fields[b"expires_at"]),
+            )
+        except (KeyError, ValueError) as exc:
+            # someone else wrote this key: refuse it rather than guess (fail closed)
+            raise StoreError(f"redis: malformed grant record for {ip}: {exc}") from None
+
+    # -- GrantStore ----------------------------------------------------------------
+
+    def put(self, grant: Grant) -> None:
+        ip = require_canonical(grant.ip)
+        args = [
+            ip,
+            "0" if grant.user is None else "1",
+            grant.user or "",
+            "0" if grant.domain is None else "1",
+            grant.domain or "",
+            grant.source,
+            _num(grant.opened_at),
+            _num(grant.expires_at),
+            str(int(grant.expires_at * 1000)),
+            self._user_prefix,
+        ]
+        try:
+            self._put(keys=[self._key(ip), self._expiry_key], args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._error(f"cannot store grant for {ip}", exc) from None
+
+    def get(self, ip: str, now: float) -> Grant | None:
+        ip = require_canonical(ip)
+        try:
+            fields = cast("dict[bytes, bytes]", self.client.hgetall(self._key(ip)))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._error(f"cannot read grant for {ip}", exc) from None
+        if not fields:
+            return None
+        grant = self._grant(ip, fields)
+        return grant if grant.live(now) else None
+
+    def delete(self, ip: str) -> bool:
+        ip = require_canonical(ip)
+        try:
+            n = self._delete(keys=[self._key(ip), self._expiry_key], args=[ip, self._user_prefix])
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._error(f"cannot delete grant for {ip}", exc) from None
+        return int(n) > 0
+
+    def delete_user(self, user: str) -> int:
+        try:
+            n = self._delete_user(
+                keys=[self._user_prefix + user, self._expiry_key], args=[self.prefix, user]
+            )
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._error(f"cannot delete grants of {user}", exc) from None
+        return int(n)
+
+    def age(self, now: float) -> int:
+        """Remove grants with ``expires_at < now`` from the indexes (and Redis); count them."""
+        total = 0
+        args = [_num(now), self.prefix, str(AGE_BATCH), self._user_prefix]
+        try:
+            while True:
+                n = int(self._age(keys=[self._expiry_key], args=args))
+                total += n
+                if n < AGE_BATCH:
+                    return total
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._error("cannot age grants", exc) from None
+
+    def list(self, now: float) -> list[Grant]:
+        try:
+            members = cast(
+                "list[bytes]", self.client.zrangebyscore(self._expiry_key, _num(now), "+inf")
+            )
+            grants: list[Grant] = []
+            for start in range(0, len(members), LIST_BATCH):
+                chunk = [m.decode("ascii") for m in members[start : start + LIST_BATCH]]
+                pipe = self.client.pipeline(transaction=False)
+                for ip in chunk:
+                    pipe.hgetall(self._key(ip))
+                replies: list[Any] = pipe.execute()
+                for ip, fields in zip(chunk, replies, strict=True):
+                    if fields:
+                        grant = self._grant(ip, cast("dict[bytes, bytes]", fields))
+                        if grant.live(now):
+                            grants.append(grant)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self._error("cannot list grants", exc) from None
+        grants.sort(key=lambda g: (g.opened_at, g.ip))
+        return grants
+
+    def close(self) -> None:
+        """Close the client if this store made it (from_url); a shared client stays open."""
+        if self._owns_client:
+            try:
+                self.client.close()
+            except (redis.exceptions.RedisError, OSError):
+                pass
+
