@@ -1,0 +1,106 @@
+"""``relaygate imapd``: run only the IMAP service (logins open relay windows).
+
+For hosts that want IMAP-before-SMTP without the rest of ``relaygate serve``
+(e.g. beside qmail or Postfix sharing the same grant store), and for the login
+benchmark. Signals: SIGTERM/SIGINT stop (every session gets ``BYE``, commands
+in progress may finish within ``shutdown_grace``); SIGHUP re-reads the users
+and the TLS certificate. Exit codes: 0 after a clean stop; 2 with no
+listener; 111 when a listener cannot be bound, or the store, the user
+database or the certificate cannot be opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import click
+
+from relaygate.cli import EXIT_TEMPFAIL, settings_from
+
+
+@click.command()
+@click.option("--listen", multiple=True, metavar="HOST:PORT",
+              help="IMAP listener, repeatable; 'off' disables (default 127.0.0.1:1143).")
+@click.option("--listen-tls", multiple=True, metavar="HOST:PORT",
+              help="Implicit-TLS IMAP listener, repeatable; only with --tls-cert "
+                   "(default 127.0.0.1:1993).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="PEM certificate chain (enables STARTTLS and the TLS listeners).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key.")
+@click.option("--hostname", help="Name in the greeting (default: this host's name).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Log level (default info).")
+@click.pass_context
+def imapd(ctx: click.Context, /, **opts: Any) -> None:
+    """Run the IMAP server alone (IMAP4rev1 with STARTTLS, IDLE, UIDPLUS, LITERAL+).
+
+    Users come from the data directory's users.db (`relaygate users add`);
+    mail from their Maildirs (INBOX is the Maildir, other folders are
+    Maildir++ subfolders). Each successful login opens the relay window of
+    the client's address in the grant store (--store), and a session that
+    stays connected keeps it open.
+    """
+    overrides: dict[str, Any] = {
+        "imap.listen": list(opts["listen"]) or None,
+        "imap.listen_tls": list(opts["listen_tls"]) or None,
+        "tls.cert": opts["tls_cert"],
+        "tls.key": opts["tls_key"],
+        "hostname": opts["hostname"],
+        "log_level": opts["log_level"],
+    }
+    settings = settings_from(ctx, **overrides)
+    ctx.exit(asyncio.run(_main(settings)))
+
+
+async def _main(settings: Any) -> int:
+    from relaygate.errors import ConfigError
+    from relaygate.log import setup_logging
+    from relaygate.mail.users import UserDBError, open_directory
+    from relaygate.metrics import Metrics
+    from relaygate.runtime import build_control
+    from relaygate.servers.base import Context
+    from relaygate.servers.imap import make_service
+
+    setup_logging(settings.log_format, settings.log_level)
+    try:
+        control = build_control(settings)
+        directory = open_directory(settings)
+    except UserDBError as exc:
+        click.echo(f"relaygate imapd: {exc}", err=True)
+        return EXIT_TEMPFAIL
+    try:
+        service = make_service(Context(settings, control, Metrics(), directory))
+    except ConfigError as exc:
+        click.echo(f"relaygate imapd: configuration error: {exc}", err=True)
+        directory.close()
+        return EXIT_TEMPFAIL
+    if not service.listeners():
+        click.echo("relaygate imapd: no listeners configured", err=True)
+        directory.close()
+        return 2
+    try:
+        await service.start()
+    except OSError as exc:
+        click.echo(f"relaygate imapd: cannot listen: {exc}", err=True)
+        directory.close()
+        return EXIT_TEMPFAIL
+    click.echo(f"relaygate imapd: {', '.join(service.listeners())}", err=True)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    loop.add_signal_handler(signal.SIGINT, done.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(service, directory))
+    try:
+        await done.wait()
+    finally:
+        await service.stop(settings.shutdown_grace)
+        directory.close()
+        control.store.close()
+    return 0
+
+
+def _reload(service: Any, directory: Any) -> None:
+    directory.reload()
+    service.reload()
