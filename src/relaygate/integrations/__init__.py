@@ -1,0 +1,1 @@
+"""Integrations with existing mail servers (qmail chain programs, Dovecot hooks, log watchers)."""
