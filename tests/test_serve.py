@@ -23,7 +23,7 @@ import trustme
 
 from _serve_standins import LineService, current_user, line_factory
 from conftest import free_port, wait_port
-from relaygate.config import Settings
+from relaygate.config import Settings, SmtpSettings
 from relaygate.errors import StoreError
 from relaygate.grants import Grant
 from relaygate.mail.directory import StaticDirectory
@@ -139,7 +139,6 @@ async def test_port_in_use_is_a_clear_start_error(tmp_path: Path) -> None:
 
 
 def test_bad_listener_setting_names_its_source(tmp_path: Path) -> None:
-    from relaygate.config import SmtpSettings
     from relaygate.errors import ConfigError
 
     s = _settings(tmp_path, smtp=SmtpSettings(listen=("no-port",)))
@@ -149,8 +148,12 @@ def test_bad_listener_setting_names_its_source(tmp_path: Path) -> None:
 
 def test_root_needs_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    with pytest.raises(ServeError, match="refusing to run as root"):
-        resolve_target(Settings(data_dir=tmp_path))
+    # The embedded default listens on loopback at unprivileged ports: a trial run as root.
+    assert resolve_target(Settings(data_dir=tmp_path)) is None
+    for smtp in (SmtpSettings(listen=("0.0.0.0:2525",)), SmtpSettings(listen=("127.0.0.1:25",)),
+                 SmtpSettings(listen=("[::]:2525",))):
+        with pytest.raises(ServeError, match="refusing to run as root"):
+            resolve_target(Settings(data_dir=tmp_path, smtp=smtp))
     with pytest.raises(ServeError, match="--group needs --user"):
         resolve_target(Settings(data_dir=tmp_path, group="nogroup"))
     with pytest.raises(ServeError, match="no such user"):

@@ -157,6 +157,16 @@ def listener_settings(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
+def _trial_listeners_only(settings: Settings) -> bool:
+    """True when every listener is on loopback at an unprivileged port (or a UNIX socket)."""
+    for name, specs in listener_settings(settings):
+        for spec in specs:
+            listen = parse_listen(spec, origin=name)
+            if not listen.loopback or (listen.port is not None and listen.port < 1024):
+                return False
+    return True
+
+
 @dataclass(frozen=True)
 class _Target:
     """The unprivileged user serve runs as after binding."""
@@ -178,10 +188,15 @@ def resolve_target(settings: Settings) -> _Target | None:
         if settings.group is not None:
             raise ServeError("--group needs --user")
         if euid == 0:
-            raise ServeError(
-                "refusing to run as root: give --user USER (and --group GROUP) so serve drops "
-                "to that user after binding its listeners (or --user root to stay root, "
-                "not recommended)")
+            if not _trial_listeners_only(settings):
+                raise ServeError(
+                    "refusing to run as root: give --user USER (and --group GROUP) so serve "
+                    "drops to that user after binding its listeners (or --user root to stay "
+                    "root, not recommended)")
+            # The embedded default (loopback, unprivileged ports) is a trial run that no
+            # remote client can reach: let it start, but say how production differs.
+            log.warning("running as root on loopback trial listeners only; in production "
+                        "give --user USER so serve drops root after binding")
         return None
     try:
         pw = pwd.getpwnam(settings.user)
