@@ -28,6 +28,19 @@ COMMANDS: dict[str, str] = {
     "list": "relaygate.commands.admin:list_",
     "age": "relaygate.commands.admin:age",
     "rules": "relaygate.commands.admin:rules",
+    "serve": "relaygate.commands.serve:serve",
+    "init": "relaygate.commands.serve:init",
+    "status": "relaygate.commands.serve:status",
+    "policyd": "relaygate.commands.postfix_dovecot:policyd",
+    "dovecot-postlogin": "relaygate.commands.postfix_dovecot:dovecot_postlogin",
+    "watch-log": "relaygate.commands.postfix_dovecot:watch_log",
+    "doctor": "relaygate.commands.postfix_dovecot:doctor",
+    "smtpd": "relaygate.commands.smtpd:smtpd",
+    "queue": "relaygate.commands.queue:queue",
+    "users": "relaygate.commands.users:users",
+    "pop3d": "relaygate.commands.pop3d:pop3d",
+    "imapd": "relaygate.commands.imapd:imapd",
+    "tcpserver": "relaygate.commands.tcpserver:tcpserver",
 }
 
 EXIT_TEMPFAIL = 111
@@ -66,7 +79,7 @@ class LazyGroup(click.Group):
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format.")
 @click.version_option(package_name="relaygate")
 @click.pass_context
-def main(ctx: click.Context, **options: Any) -> None:
+def main(ctx: click.Context, /, **options: Any) -> None:
     """relaygate: POP-before-SMTP and IMAP-before-SMTP relay control.
 
     A successful POP3 or IMAP login opens a relay window for the client's
