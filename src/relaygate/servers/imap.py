@@ -128,7 +128,7 @@ from relaygate.errors import ConfigError, InvalidAddress, StoreError
 from relaygate.log import event
 from relaygate.mail.directory import Account, LoginResult
 from relaygate.mail.maildir import deliver, ensure_maildir
-from relaygate.servers.base import Context, Listen, parse_listen
+from relaygate.servers.base import LISTEN_BACKLOG, Context, Listen, parse_listen
 
 log = logging.getLogger("relaygate.imap")
 
@@ -1093,9 +1093,9 @@ class ImapService:
     async def _listen(self, listen: Listen, *, implicit_tls: bool) -> None:
         cb = partial(self._accept, listen, implicit_tls)
         tls = self.ssl_context if implicit_tls else None
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"backlog": LISTEN_BACKLOG}
         if tls is not None:
-            extra = {"ssl": tls, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
+            extra.update(ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         if listen.path is not None:
             server = await asyncio.start_unix_server(cb, listen.path, limit=MAX_LINE, **extra)
         else:

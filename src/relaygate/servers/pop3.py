@@ -69,7 +69,7 @@ from relaygate.protocols.pop3 import (
     StartTls,
     Update,
 )
-from relaygate.servers.base import Listen, parse_listen
+from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
 
 if TYPE_CHECKING:
     from relaygate.mail.directory import Account, Directory, LoginResult
@@ -182,10 +182,11 @@ class Pop3Service:
         timeout = TLS_HANDSHAKE_TIMEOUT if implicit else None
         if listen.path is not None:
             return await asyncio.start_unix_server(
-                handler, listen.path, ssl=tls, ssl_handshake_timeout=timeout)
+                handler, listen.path, ssl=tls, ssl_handshake_timeout=timeout,
+                backlog=LISTEN_BACKLOG)
         return await asyncio.start_server(
             handler, listen.host, listen.port, ssl=tls, ssl_handshake_timeout=timeout,
-            reuse_address=True)
+            reuse_address=True, backlog=LISTEN_BACKLOG)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; cut idle sessions now, let busy ones finish up to ``grace``."""
