@@ -12,12 +12,11 @@ database or the certificate cannot be opened.
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any
 
 import click
 
-from relaygate.cli import EXIT_TEMPFAIL, settings_from
+from relaygate.cli import settings_from
 
 
 @click.command()
@@ -54,53 +53,9 @@ def imapd(ctx: click.Context, /, **opts: Any) -> None:
     ctx.exit(asyncio.run(_main(settings)))
 
 
+
 async def _main(settings: Any) -> int:
-    from relaygate.errors import ConfigError
-    from relaygate.log import setup_logging
-    from relaygate.mail.users import UserDBError, open_directory
-    from relaygate.metrics import Metrics
-    from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
+    from relaygate.commands._single import run_login_service
     from relaygate.servers.imap import make_service
 
-    setup_logging(settings.log_format, settings.log_level)
-    try:
-        control = build_control(settings)
-        directory = open_directory(settings)
-    except UserDBError as exc:
-        click.echo(f"relaygate imapd: {exc}", err=True)
-        return EXIT_TEMPFAIL
-    try:
-        service = make_service(Context(settings, control, Metrics(), directory))
-    except ConfigError as exc:
-        click.echo(f"relaygate imapd: configuration error: {exc}", err=True)
-        directory.close()
-        return EXIT_TEMPFAIL
-    if not service.listeners():
-        click.echo("relaygate imapd: no listeners configured", err=True)
-        directory.close()
-        return 2
-    try:
-        await service.start()
-    except OSError as exc:
-        click.echo(f"relaygate imapd: cannot listen: {exc}", err=True)
-        directory.close()
-        return EXIT_TEMPFAIL
-    click.echo(f"relaygate imapd: {', '.join(service.listeners())}", err=True)
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, done.set)
-    loop.add_signal_handler(signal.SIGINT, done.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(service, directory))
-    try:
-        await done.wait()
-    finally:
-        await service.stop(settings.shutdown_grace)
-        directory.close()
-        control.store.close()
-    return 0
-
-
-def _reload(service: Any, directory: Any) -> None:
-    directory.reload()
-    service.reload()
+    return await run_login_service("imapd", settings, make_service)

@@ -11,12 +11,11 @@ bound or the store/user database cannot be opened.
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any
 
 import click
 
-from relaygate.cli import EXIT_TEMPFAIL, settings_from
+from relaygate.cli import settings_from
 
 
 @click.command()
@@ -51,40 +50,9 @@ def pop3d(ctx: click.Context, /, **opts: Any) -> None:
     ctx.exit(asyncio.run(_main(settings)))
 
 
+
 async def _main(settings: Any) -> int:
-    from relaygate.log import setup_logging
-    from relaygate.mail.users import UserDBError, open_directory
-    from relaygate.metrics import Metrics
-    from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
+    from relaygate.commands._single import run_login_service
     from relaygate.servers.pop3 import make_service
 
-    setup_logging(settings.log_format, settings.log_level)
-    try:
-        control = build_control(settings)
-        directory = open_directory(settings)
-    except UserDBError as exc:
-        click.echo(f"relaygate pop3d: {exc}", err=True)
-        return EXIT_TEMPFAIL
-    service = make_service(Context(settings, control, Metrics(), directory))
-    if not service.listeners():
-        click.echo("relaygate pop3d: no listeners configured", err=True)
-        return 2
-    try:
-        await service.start()
-    except OSError as exc:
-        click.echo(f"relaygate pop3d: cannot listen: {exc}", err=True)
-        return EXIT_TEMPFAIL
-    click.echo(f"relaygate pop3d: {', '.join(service.listeners())}", err=True)
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, done.set)
-    loop.add_signal_handler(signal.SIGINT, done.set)
-    loop.add_signal_handler(signal.SIGHUP, directory.reload)
-    try:
-        await done.wait()
-    finally:
-        await service.stop(settings.shutdown_grace)
-        directory.close()
-        control.store.close()
-    return 0
+    return await run_login_service("pop3d", settings, make_service)

@@ -1,0 +1,265 @@
+"""Postfix and Dovecot commands: ``policyd``, ``dovecot-postlogin``, ``watch-log``, ``doctor``.
+
+``policyd`` runs the Postfix policy service alone (``serve`` runs it too when
+``policy.listen`` is set); ``dovecot-postlogin`` is Dovecot's post-login hook;
+``watch-log`` opens windows from POP3/IMAP login lines in logs; ``doctor
+postfix`` checks that Postfix asks the policy service at the right place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from relaygate.cli import EXIT_TEMPFAIL, settings_from
+
+_LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
+
+log = logging.getLogger("relaygate.commands")
+
+
+@click.command()
+@click.option("--listen", "-l", multiple=True, metavar="HOST:PORT|unix:PATH",
+              help="Listener, repeatable: 127.0.0.1:10040, [::1]:10040, "
+                   "unix:/var/spool/postfix/private/relaygate (default: policy.listen from "
+                   "the configuration, else 127.0.0.1:10040).")
+@click.option("--socket-mode", metavar="OCTAL",
+              help="Permissions of UNIX sockets (default 0660).")
+@click.option("--socket-group", metavar="GROUP",
+              help="Group of UNIX sockets (e.g. postfix, so smtpd can connect).")
+@click.option("--threads", type=click.IntRange(min=1), help="Store lookup threads (default 4).")
+@click.option("--log-level", type=_LOG_LEVELS, help="Log level (default info; debug logs "
+                                                    "every DUNNO).")
+@click.pass_context
+def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None,
+            socket_group: str | None, threads: int | None, log_level: str | None) -> None:
+    """Run the Postfix policy service (check_policy_service).
+
+    Answers action=OK when the client address may relay (a static rule or an
+    open POP/IMAP window; the reason is logged) and action=DUNNO otherwise,
+    also when the store is unreachable (Postfix's reject_unauth_destination
+    then refuses the relay). Put it before reject_unauth_destination:
+
+    \b
+      smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated,
+          check_policy_service inet:127.0.0.1:10040, reject_unauth_destination
+
+    Stops on SIGTERM/SIGINT (UNIX sockets are removed). Exit 111 when a
+    listener cannot be bound or the store cannot be opened.
+    """
+    settings = settings_from(ctx, **{
+        "policy.listen": list(listen) or None,
+        "policy.socket_mode": socket_mode,
+        "policy.socket_group": socket_group,
+        "policy.threads": threads,
+        "log_level": log_level,
+    })
+    if not settings.policy.listen:
+        settings = settings.replace(
+            policy=dataclasses.replace(settings.policy, listen=("127.0.0.1:10040",)))
+    from relaygate.log import setup_logging
+    from relaygate.metrics import Metrics
+    from relaygate.runtime import build_control
+    from relaygate.servers.base import Context
+    from relaygate.servers.policy import make_service
+
+    setup_logging(settings.log_format, settings.log_level)
+    control = build_control(settings)
+    service = make_service(Context(settings, control, Metrics()))
+    try:
+        asyncio.run(_run_until_signal(service))
+    except OSError as exc:
+        click.echo(f"relaygate policyd: cannot listen: {exc}", err=True)
+        ctx.exit(EXIT_TEMPFAIL)
+    finally:
+        control.store.close()
+
+
+async def _run_until_signal(service: Any) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    try:
+        await stop.wait()
+    finally:
+        await service.stop(5.0)
+
+
+@click.command("dovecot-postlogin", context_settings={
+    "ignore_unknown_options": True, "allow_interspersed_args": False,
+    "help_option_names": ["-h", "--help"]})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def dovecot_postlogin(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Dovecot post-login hook: open the relay window for $IP, then exec PROGRAM.
+
+    \b
+    relaygate dovecot-postlogin [--store URL] [--expiry SECONDS] [--config FILE]
+                                [--timeout SECONDS] [--verbose] [--] PROGRAM [ARGS...]
+
+    Dovecot's script-login runs it after each successful login with $USER and
+    $IP set and its own program as the last argument. Dovecot gives
+    post-login scripts a cleaned environment, so name the store with --store
+    (or --config) in dovecot.conf:
+
+    \b
+      service pop3-postlogin {
+        executable = script-login /usr/local/bin/relaygate dovecot-postlogin \\
+                     --store sqlite:///var/lib/relaygate/grants.db
+        ...
+
+    A failure to record the window is logged (Dovecot logs the script's
+    stderr) and the login goes on. Exit 111 only when PROGRAM cannot be
+    executed. `python -m relaygate.integrations.dovecot` is the same program
+    without the CLI's start-up cost.
+    """
+    from relaygate.integrations.dovecot import main
+
+    root = ctx.find_root().obj or {}
+    cli = root.get("cli", {})
+    main(list(args), os.environ, defaults={
+        "store": cli.get("store"), "expiry": cli.get("expiry"),
+        "config": root.get("config_file")})
+
+
+@click.command("watch-log")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "syslog", "dovecot-log", "journal-export"]),
+              help="Line format (auto: journald export if the stream starts like it, else "
+                   "syslog lines, else Dovecot's own log file).")
+@click.option("--pattern", "patterns", multiple=True, metavar="NAME=REGEX",
+              help="Extra login pattern, repeatable: a regex with a named group 'ip' (and "
+                   "optionally 'user'), full-matched against 'TAG[PID]: MESSAGE'.")
+@click.option("--builtin", "builtins", multiple=True, metavar="NAME",
+              help="Use only these built-in patterns (dovecot, dovecot-log, courier, uw, "
+                   "qpopper, cyrus; 'none' for custom patterns only). Default: all.")
+@click.option("--from-start", is_flag=True,
+              help="Read files from their start (default: only lines written from now on).")
+@click.option("--once", is_flag=True,
+              help="Read what is there and exit (with --from-start: process a whole file).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the logins found on stdout; open no window.")
+@click.option("--interval", type=click.FloatRange(min=0.01),
+              help="Seconds between polls of the files (default 0.25).")
+@click.option("--log-level", type=_LOG_LEVELS, help="Log level (default info).")
+@click.pass_context
+def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tuple[str, ...],
+              builtins: tuple[str, ...], from_start: bool, once: bool, dry_run: bool,
+              interval: float | None, log_level: str | None) -> None:
+    """Open relay windows from POP3/IMAP login lines in FILE... ('-' = stdin).
+
+    Follows files across rotation (rename and truncate), like tail -F. Reads
+    syslog files (/var/log/mail.log), Dovecot's own log_path file, or
+    journald's export format:
+
+    \b
+      journalctl -o export -f _SYSTEMD_UNIT=dovecot.service | relaygate watch-log -
+
+    Built-in patterns: Dovecot 1.x-2.3 (syslog and log_path), Courier, UW
+    imapd/ipop3d, Qpopper, Cyrus. A line counts only when its daemon tag and
+    its whole shape match (a client can put text of its choice in other
+    daemons' lines). Exit 111 when stdin ends.
+    """
+    settings = settings_from(ctx, **{
+        "log_level": log_level,
+        "logwatch.interval": interval,
+    })
+    from relaygate.errors import ConfigError
+    from relaygate.integrations.logwatch import LogWatcher, window_opener
+    from relaygate.log import setup_logging
+    from relaygate.protocols.loglines import LoginEvent, LoginMatcher
+
+    setup_logging(settings.log_format, settings.log_level)
+    chosen = builtins or settings.logwatch.builtins
+    if "none" in chosen:
+        chosen = ()
+    try:
+        matcher = LoginMatcher(chosen, (*settings.logwatch.patterns, *patterns))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+    handler: Callable[[LoginEvent], None]
+    if dry_run:
+        def show(ev: LoginEvent) -> None:
+            click.echo(f"{ev.ip} user={ev.user or '-'} service={ev.service} "
+                       f"pattern={ev.pattern}")
+        handler, store = show, None
+    else:
+        from relaygate.runtime import build_control
+
+        control = build_control(settings)
+        store = control.store
+        handler = window_opener(control)
+    watcher = LogWatcher(list(files), matcher, handler, fmt=fmt,
+                         interval=settings.logwatch.interval, from_start=from_start)
+    try:
+        if once:
+            rc = watcher.run_once()
+        else:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+                signal.signal(signal.SIGINT, lambda *_: watcher.stop())
+            log.info("watching %s", ", ".join(files))
+            rc = watcher.run()
+    finally:
+        if store is not None:
+            store.close()
+    ctx.exit(rc)
+
+
+@click.group()
+def doctor() -> None:
+    """Check how relaygate fits into other mail software."""
+
+
+@doctor.command("postfix")
+@click.option("-c", "--config-dir", type=click.Path(file_okay=False),
+              help="Postfix configuration directory (postconf -c; default Postfix's own).")
+@click.option("--policy", "policies", multiple=True, metavar="ENDPOINT",
+              help="relaygate's policy endpoint as in main.cf (inet:127.0.0.1:10040, "
+                   "unix:private/relaygate), repeatable. Default: policy.listen from the "
+                   "configuration, else 127.0.0.1:10040.")
+@click.option("--probe", is_flag=True, help="Also send a test request to the policy service.")
+@click.option("--postconf", default="postconf", show_default=True, help="postconf program.")
+@click.pass_context
+def doctor_postfix(ctx: click.Context, config_dir: str | None, policies: tuple[str, ...],
+                   probe: bool, postconf: str) -> None:
+    """Check where Postfix asks relaygate's policy service.
+
+    Reads smtpd_relay_restrictions and smtpd_recipient_restrictions with
+    postconf (and master.cf overrides) and reports a policy that is missing,
+    sits after reject_unauth_destination/defer_unauth_destination, or is
+    shadowed by the default relay restrictions. Exit 0 when all is well, 1
+    when there is a problem, 111 when postconf cannot be run.
+    """
+    from relaygate.integrations.postfix_doctor import DoctorError, diagnose
+
+    expected = list(policies)
+    if not expected:
+        expected = list(settings_from(ctx).policy.listen) or ["127.0.0.1:10040"]
+    try:
+        report = diagnose(config_dir=config_dir, expected=expected, postconf=postconf,
+                          do_probe=probe)
+    except DoctorError as exc:
+        click.echo(f"relaygate doctor postfix: {exc}", err=True)
+        ctx.exit(EXIT_TEMPFAIL)
+    where = config_dir or "Postfix's default configuration"
+    click.echo(f"Postfix {report.version}, {where}")
+    for name in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions"):
+        click.echo(f"  {name} = {report.values.get(name, '')}")
+    for f in report.findings:
+        click.echo(f"{f.level}: {f.message}")
+    if report.problems:
+        click.echo(f"{len(report.problems)} problem(s); see docs/postfix-dovecot.md", err=True)
+        ctx.exit(1)
+    click.echo("relaygate's policy is in place")
