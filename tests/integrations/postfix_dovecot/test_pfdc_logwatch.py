@@ -1,0 +1,158 @@
+"""POP/IMAP-before-SMTP with the real Postfix and Dovecot: the log watcher.
+
+Dovecot runs without hooks; ``relaygate watch-log`` follows Dovecot's own log
+file (and Postfix's, to prove that text a client smuggles into another
+daemon's lines opens nothing) and writes windows into the store policyd reads.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import _postfix_testbed as testbed
+import pytest
+
+from .pfdc_support import EXPIRY, RELAYGATE, USERS, Stack
+
+REMOTE = f"someone@{testbed.REMOTE_DOMAIN}"
+
+
+class Watcher:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def watcher(stack: Stack, dovecot_plain: testbed.DovecotTestbed) -> Iterator[Watcher]:
+    log = stack.root / "watch-log.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [RELAYGATE, "--store", stack.store, "--expiry", str(EXPIRY), "watch-log",
+             "--interval", "0.05", "--log-level", "debug",
+             str(dovecot_plain.log_file), str(stack.postfix.log_file)],
+            stdout=subprocess.DEVNULL, stderr=err)
+    w = Watcher(proc, log)
+    deadline = time.monotonic() + 20
+    while "watching" not in w.text():
+        assert proc.poll() is None, w.text()
+        assert time.monotonic() < deadline, w.text()
+        time.sleep(0.05)
+    yield w
+    proc.terminate()
+    proc.wait(10)
+
+
+def relay(stack: Stack, source: str) -> int:
+    host, port = ("::1", stack.postfix.v6_port) if ":" in source else \
+        ("127.0.0.1", stack.postfix.port)
+    assert port is not None
+    return testbed.smtp_rcpt(source, host, port, REMOTE)[0]
+
+
+def windows(stack: Stack) -> dict[str, dict[str, object]]:
+    out = subprocess.run([RELAYGATE, "--store", stack.store, "list", "--json"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return {g["ip"]: g for g in json.loads(out.stdout)}
+
+
+def wait_window(stack: Stack, ip: str, watcher: Watcher) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    while ip not in (found := windows(stack)):
+        assert time.monotonic() < deadline, watcher.text()
+        time.sleep(0.05)
+    return found[ip]
+
+
+def wait_expired(stack: Stack, ip: str) -> None:
+    time.sleep(EXPIRY)
+    deadline = time.monotonic() + 5
+    while ip in windows(stack):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_pop3_login_in_dovecot_log_opens_window(
+        stack: Stack, dovecot_plain: testbed.DovecotTestbed, watcher: Watcher) -> None:
+    assert relay(stack, "127.0.0.5") == 554
+    testbed.pop3_login("127.0.0.5", "127.0.0.1", dovecot_plain.pop3_port, "alice",
+                       USERS["alice"])
+    grant = wait_window(stack, "127.0.0.5", watcher)
+    assert grant["source"] == "log" and grant["user"] == "alice"
+    assert relay(stack, "127.0.0.5") == 250
+    wait_expired(stack, "127.0.0.5")
+    assert relay(stack, "127.0.0.5") == 554
+
+
+def test_imap_login_in_dovecot_log_opens_window(
+        stack: Stack, dovecot_plain: testbed.DovecotTestbed, watcher: Watcher) -> None:
+    assert relay(stack, "127.0.0.9") == 554
+    testbed.imap_login("127.0.0.9", "127.0.0.1", dovecot_plain.imap_port, "bob@example.test",
+                       USERS["bob@example.test"])
+    assert wait_window(stack, "127.0.0.9", watcher)["domain"] == "example.test"
+    assert relay(stack, "127.0.0.9") == 250
+
+
+def test_ipv6_login_in_dovecot_log(stack: Stack, dovecot_plain: testbed.DovecotTestbed,
+                                   watcher: Watcher) -> None:
+    if not stack.ipv6:
+        pytest.skip("no IPv6 loopback here")
+    assert relay(stack, "::1") == 554
+    testbed.pop3_login("::1", "::1", dovecot_plain.pop3_port, "alice", USERS["alice"])
+    wait_window(stack, "::1", watcher)
+    assert relay(stack, "::1") == 250
+
+
+def test_forged_login_text_opens_nothing(stack: Stack, dovecot_plain: testbed.DovecotTestbed,
+                                         watcher: Watcher) -> None:
+    forged = "Login: user=<alice>, method=PLAIN, rip=127.0.0.11, lip=127.0.0.1"
+    # 1. In Dovecot's own log, as a failed login's user name.
+    with pytest.raises(testbed.poplib.error_proto):
+        testbed.pop3_login("127.0.0.12", "127.0.0.1", dovecot_plain.pop3_port, forged, "x")
+    # 2. In Postfix's log, inside a MAIL FROM of a refused relay attempt.
+    client = testbed._SourceSMTP("127.0.0.12", "127.0.0.1", stack.postfix.port)
+    try:
+        client.ehlo("dovecot")
+        code, _ = client.docmd(f'MAIL FROM:<"dovecot: pop3-login: {forged}"@evil.test>')
+        assert code == 250
+        assert client.rcpt(REMOTE)[0] == 554
+        client.quit()
+    finally:
+        client.close()
+    deadline = time.monotonic() + 10
+    while "rip=127.0.0.11" not in stack.postfix.log_tail(200):
+        assert time.monotonic() < deadline, "Postfix did not log the forged text"
+        time.sleep(0.05)
+    assert "rip=127.0.0.11" in dovecot_plain.log_tail(200)
+    # A real login afterwards proves the watcher has read past both lines.
+    testbed.pop3_login("127.0.0.13", "127.0.0.1", dovecot_plain.pop3_port, "alice",
+                       USERS["alice"])
+    wait_window(stack, "127.0.0.13", watcher)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        assert "127.0.0.11" not in windows(stack)
+        assert "127.0.0.12" not in windows(stack)
+        time.sleep(0.2)
+    assert relay(stack, "127.0.0.11") == 554
+
+
+def test_dovecot_log_rotation(stack: Stack, dovecot_plain: testbed.DovecotTestbed,
+                              watcher: Watcher) -> None:
+    rotated = dovecot_plain.log_file.with_suffix(".log.1")
+    dovecot_plain.log_file.rename(rotated)
+    dovecot_plain.reopen_log()
+    deadline = time.monotonic() + 10
+    while not dovecot_plain.log_file.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    testbed.pop3_login("127.0.0.14", "127.0.0.1", dovecot_plain.pop3_port, "alice",
+                       USERS["alice"])
+    wait_window(stack, "127.0.0.14", watcher)
+    assert "rotated" in watcher.text()
