@@ -51,7 +51,8 @@ DESCRIPTIONS: dict[str, str] = {
                 "(reloaded on SIGHUP).",
     "tls.key": "PEM private key for tls.cert (reloaded on SIGHUP).",
     "smtp.listen": "SMTP (port 25) listeners, HOST:PORT or [V6]:PORT; [] turns it off.",
-    "smtp.submission": "Submission (RFC 6409, port 587) listeners, with STARTTLS; same relay rules as smtp.",
+    "smtp.submission": "Submission (RFC 6409, port 587) listeners, with STARTTLS; "
+                       "same relay rules as smtp.",
     "smtp.smtps": "Implicit-TLS submission (RFC 8314, port 465); only with a certificate.",
     "smtp.max_message_size": "Largest message accepted, in bytes (SIZE, RFC 1870).",
     "smtp.max_recipients": "Most RCPT TO per message.",
