@@ -119,8 +119,9 @@ class PolicySettings:
     socket_group: str | None = None
     #: seconds a policy connection may stay silent; Postfix closes its own after 300 s
     idle_timeout: float = 600.0
-    #: threads that run store lookups (Postfix waits for each answer)
-    threads: int = 4
+    #: threads running store lookups in batches; more only help a high-latency store
+    #: (Redis far away): with SQLite they just fight over Python's GIL
+    threads: int = 1
 
 
 @dataclass(frozen=True)

@@ -215,7 +215,7 @@ names = st.from_regex(r"[a-z][a-z0-9_]{0,20}", fullmatch=True)
 values = st.binary(max_size=200).filter(lambda b: b"\n" not in b and b"\0" not in b)
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(names, values, max_size=30), st.lists(st.integers(0, 10_000)))
 def test_any_valid_request_survives_any_chunking(attrs: dict[str, bytes],
                                                  cuts: list[int]) -> None:

@@ -35,7 +35,8 @@ log = logging.getLogger("relaygate.commands")
               help="Permissions of UNIX sockets (default 0660).")
 @click.option("--socket-group", metavar="GROUP",
               help="Group of UNIX sockets (e.g. postfix, so smtpd can connect).")
-@click.option("--threads", type=click.IntRange(min=1), help="Store lookup threads (default 4).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Store lookup threads (default 1; more help a remote Redis).")
 @click.option("--log-level", type=_LOG_LEVELS, help="Log level (default info; debug logs "
                                                     "every DUNNO).")
 @click.pass_context
@@ -147,7 +148,8 @@ def dovecot_postlogin(ctx: click.Context, args: tuple[str, ...]) -> None:
 @click.option("--from-start", is_flag=True,
               help="Read files from their start (default: only lines written from now on).")
 @click.option("--once", is_flag=True,
-              help="Read what is there and exit (with --from-start: process a whole file).")
+              help="Read the files from their start (stdin to its end) once, then exit 0: "
+                   "catch up after downtime, or test patterns with --dry-run.")
 @click.option("--dry-run", is_flag=True,
               help="Print the logins found on stdout; open no window.")
 @click.option("--interval", type=click.FloatRange(min=0.01),
@@ -201,7 +203,7 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         store = control.store
         handler = window_opener(control)
     watcher = LogWatcher(list(files), matcher, handler, fmt=fmt,
-                         interval=settings.logwatch.interval, from_start=from_start)
+                         interval=settings.logwatch.interval, from_start=from_start or once)
     try:
         if once:
             rc = watcher.run_once()
