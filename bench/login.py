@@ -139,9 +139,7 @@ class Server:
         base = [sys.executable, "-m", "relaygate", "--data-dir", str(data), "--config",
                 str(config)]
         if cheap:
-            # -P: do not put bench/ first on sys.path, where bench/queue.py would
-            # shadow the stdlib queue module that concurrent.futures imports.
-            argv = [sys.executable, "-P", __file__, "--serve", proto.name, "--data",
+            argv = [sys.executable, __file__, "--serve", proto.name, "--data",
                     str(data), "--port", str(self.port)]
         else:
             argv = [*base, proto.command, proto.listen_option, f"127.0.0.1:{self.port}",

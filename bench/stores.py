@@ -26,12 +26,6 @@ All work happens in a temporary directory under /tmp, removed at the end.
 
 from __future__ import annotations
 
-import sys
-
-# Run as a script, bench/ is sys.path[0]: its sibling scripts (queue.py, ...) would
-# shadow standard-library modules that redis-py imports.
-sys.path.pop(0)
-
 import argparse
 import os
 import random
@@ -40,6 +34,7 @@ import socket
 import sqlite3
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator

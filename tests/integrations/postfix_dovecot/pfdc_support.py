@@ -21,8 +21,8 @@ TOP = Path(__file__).resolve().parents[3]
 
 
 def _load(name: str, path: Path) -> ModuleType:
-    # Loaded by path, not through sys.path: bench/ holds scripts whose names shadow
-    # the standard library (bench/queue.py), and tests/conftest.py is not a package.
+    # Loaded by path, not through sys.path: neither bench/ nor tests/conftest.py
+    # is an importable package.
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None

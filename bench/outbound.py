@@ -1,6 +1,6 @@
 """Queue throughput: messages per second from the queue to a loopback SMTP sink.
 
-Usage: python bench/queue.py [--quick] [--messages N] [--repeats R]
+Usage: python bench/outbound.py [--quick] [--messages N] [--repeats R]
 
 What it measures (all on 127.0.0.1, 1 KB messages, one recipient each, all
 to the same destination through an smtproutes default route):
@@ -20,21 +20,14 @@ connection with the same sink. Nothing is asserted: this prints numbers.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named queue.py and Python puts its directory first on sys.path:
-# take it off, or "import queue" (asyncio's thread pool) would find this file.
-if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.realpath(
-        os.path.dirname(os.path.abspath(__file__))):
-    sys.path.pop(0)
-
 import argparse
 import asyncio
+import os
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
