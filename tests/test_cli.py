@@ -108,6 +108,16 @@ def test_unreachable_store_is_tempfail(data_dir: Path) -> None:
     assert "allow" not in r.stdout
 
 
+def test_data_dir_that_cannot_be_created_is_a_configuration_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run(blocker / "data", "check", "192.0.2.1")
+    assert r.returncode == 111, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        f"relaygate: configuration error: cannot create the data directory (Not a directory): "
+        f"'{blocker / 'data'}'"]
+
+
 def test_store_from_environment_and_envdir(tmp_path: Path, data_dir: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)

@@ -138,6 +138,14 @@ def test_envdir_relative_dir_becomes_absolute(tmp_path: Path, monkeypatch: pytes
     ("domains = ['bad domain!']\n", 1, "bad domain name"),
     ("[smtp]\nlisten = [1, {a = 1}]\n", 2, "bad list item"),
     ("[tls]\ncert = '/x.pem'\n", 2, "tls.cert and tls.key must be given together"),
+    # dotted keys, inline tables and a header with a comment still get their line
+    ("expiry = 5\nsmtp.max_recipients = 0\n", 2, "smtp.max_recipients: must be greater"),
+    ("expiry = 5\n\nsmtp = { max_recipients = 0 }\n", 3, "smtp.max_recipients"),
+    ("[smtp]  # the SMTP server\nlisten = 5\n", 2, "smtp.listen: expected a list"),
+    # a store URL is checked when the settings are built, not when the store opens
+    ("\nstore = '/var/spool/relay-ctrl/allow'\n", 2, "store URL must start with"),
+    ("store = 'redis://127.0.0.1:port/0'\n", 1, "bad Redis store URL"),
+    ("store = 'sqlite://'\n", 1, "store URL has no path"),
 ])
 def test_toml_errors_name_file_and_line(tmp_path: Path, text: str, line: int | None,
                                         fragment: str) -> None:
@@ -177,6 +185,25 @@ def test_env_errors_name_the_variable() -> None:
     assert str(exc.value).startswith("$RELAYGATE_EXPIRY: expiry: must be greater than zero")
     with pytest.raises(ConfigError, match=r"\$RELAYGATE_LOG_FORMAT"):
         load_settings(environ={"RELAYGATE_LOG_FORMAT": "xml"})
+
+
+def test_store_url_errors_name_their_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ={"RELAYGATE_STORE": "postgres://db/grants"})
+    assert str(exc.value).startswith("$RELAYGATE_STORE: store URL must start with")
+    assert exc.value.value == "postgres://db/grants"
+    with pytest.raises(ConfigError, match="option --store"):
+        load_settings(cli={"store": "spool:"}, environ={})
+    for good in ("memory:", "spool:///var/spool/relay-ctrl/allow", "sqlite:///x/grants.db",
+                 "redis://127.0.0.1:6379/0?prefix=a:", "rediss://h/1"):
+        assert load_settings(cli={"store": good}, environ={}).store == good
+
+
+def test_store_url_errors_do_not_show_the_password() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ={"RELAYGATE_STORE": "redis://:hunter2@127.0.0.1:notaport/0"})
+    assert "hunter2" not in str(exc.value)
+    assert "redis://:***@127.0.0.1:notaport/0" in str(exc.value)
 
 
 def test_cli_errors_name_the_option() -> None:

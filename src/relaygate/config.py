@@ -278,6 +278,8 @@ def _build(layers: Mapping[str, _Value]) -> Settings:
         top["hostname"] = socket.gethostname() or "localhost"
     if "domains" in top:
         top["domains"] = tuple(_domain(d, layers["domains"]) for d in top["domains"])
+    if top.get("store"):
+        _store_url(top["store"], layers["store"])
     settings = Settings(**top)
     if (settings.tls.cert is None) != (settings.tls.key is None):
         src = layers.get("tls.cert") or layers.get("tls.key")
@@ -292,6 +294,16 @@ def _domain(d: str, origin: _Value) -> str:
                                    flags=re.IGNORECASE):
         raise ConfigError("bad domain name", source=origin.source, line=origin.line, value=d)
     return out
+
+
+def _store_url(url: str, origin: _Value) -> None:
+    from relaygate.stores import check_url
+
+    try:
+        check_url(url)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, source=origin.source, line=origin.line,
+                          value=exc.value) from None  # exc.value hides a password
 
 
 def _hints() -> dict[str, Any]:
@@ -399,16 +411,28 @@ def _read_toml(path: Path) -> dict[str, _Value]:
 
 
 def _find_line(lines: list[str], section: str | None, key: str) -> int | None:
+    """The line of ``key`` (in ``[section]``, or written ``section.key =`` or as an
+    inline table ``section = {...}`` at the top), or None."""
     current: str | None = None
     pat = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    dotted = inline = None
+    if section is not None:
+        dotted = re.compile(rf"^\s*{re.escape(section)}\s*\.\s*{re.escape(key)}\s*=")
+        inline = re.compile(rf"^\s*{re.escape(section)}\s*=")
+    fallback: int | None = None
     for i, line in enumerate(lines, 1):
         s = line.strip()
-        if s.startswith("[") and not s.startswith("[["):
-            current = s.strip("[] ")
+        if s.startswith("[") and not s.startswith("[[") and "]" in s:
+            current = s[1 : s.index("]")].strip()
             continue
         if current == section and pat.match(line):
             return i
-    return None
+        if current is None and dotted is not None and inline is not None:
+            if dotted.match(line):
+                return i
+            if fallback is None and inline.match(line):
+                fallback = i
+    return fallback
 
 
 def read_envdir(path: Path) -> dict[str, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from relaygate.config import Settings
 from relaygate.control import RelayControl
+from relaygate.errors import ConfigError
 from relaygate.rules import RuleSet
 from relaygate.stores import open_store
 
@@ -15,7 +16,16 @@ def build_control(settings: Settings) -> RelayControl:
     when missing.
     """
     if settings.store is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_data_dir(settings)
     store = open_store(settings.store_url, expiry=settings.expiry)
     rules = RuleSet.load(settings.rules_file) if settings.rules_file else RuleSet.empty()
     return RelayControl(store, rules, expiry=settings.expiry, relayclient=settings.relayclient)
+
+
+def make_data_dir(settings: Settings) -> None:
+    """Create the data directory (mode 0700) when missing; ConfigError when it cannot be."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data directory ({exc.strerror or exc})",
+                          value=str(settings.data_dir)) from None

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.grants import Grant
+from relaygate.stores import redact_url
 
 #: the status file ``serve`` refreshes in the data directory
 STATUS_FILE = "status.json"
@@ -46,14 +46,6 @@ STALE_AFTER = 10 * STATUS_INTERVAL
 MAX_ERRORS = 20
 #: longest log message kept in the status file (a runaway message must not bloat it)
 MAX_ERROR_TEXT = 500
-
-_PASSWORD_IN_URL = re.compile(r"(//[^/@:]*:)([^/@]*)@")
-
-
-def redact_url(url: str) -> str:
-    """A store URL safe to show: ``redis://:secret@host`` -> ``redis://:***@host``."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", url)
-
 
 class ErrorRing(logging.Handler):
     """Keeps the last :data:`MAX_ERRORS` warnings and errors for the status file."""

@@ -187,6 +187,26 @@ def test_nothing_listening_is_a_store_error() -> None:
     s.close()
 
 
+def test_a_redis_that_does_not_answer_is_tempfail_within_seconds() -> None:
+    """A server that accepts connections and never replies (hung, SIGSTOPped): the
+    socket time-outs turn it into TEMPFAIL quickly, never a hang and never ALLOW."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes the handshakes; nobody ever reads
+        s = RedisStore.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        try:
+            started = time.monotonic()
+            d = RelayControl(s).decide("192.0.2.1")
+            assert d.verdict is Verdict.TEMPFAIL and d.kind == "store"
+            with pytest.raises(StoreError):
+                s.put(g("192.0.2.1"))
+            assert time.monotonic() - started < 15
+        finally:
+            s.close()
+
+
 def test_redis_stopped_mid_test(tmp_path: Path) -> None:
     server = start_redis(tmp_path / "r1")
     port = server.port

@@ -16,6 +16,7 @@ and ``$RELAYGATE_RELAYCLIENT`` say otherwise.
 from __future__ import annotations
 
 import os
+import stat
 import signal
 import sys
 from typing import Any
@@ -52,14 +53,20 @@ def _control(ctx: click.Context, environ: dict[str, str]) -> Any:
     if "RELAYGATE_RELAYCLIENT" not in environ and "RELAY_CTRL_RELAYCLIENT" in environ:
         relayclient = environ["RELAY_CTRL_RELAYCLIENT"]
     store: Any
-    if settings.store and ":" in settings.store:
+    if settings.store:  # --store, $RELAYGATE_STORE, or RELAY_CTRL_DIR from --envdir
         store = open_store(settings.store, expiry=expiry)
-    elif settings.store:  # a bare path (RELAY_CTRL_DIR from --envdir): the spool
-        store = SpoolStore(settings.store, expiry)
     elif "RELAY_CTRL_DIR_FD" in environ:
         fd = parse_uint(environ["RELAY_CTRL_DIR_FD"])
         if fd is None:
             raise ConfigError("bad $RELAY_CTRL_DIR_FD", value=environ["RELAY_CTRL_DIR_FD"])
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        except OSError as exc:
+            raise ConfigError(f"$RELAY_CTRL_DIR_FD is not an open descriptor ({exc.strerror})",
+                              value=environ["RELAY_CTRL_DIR_FD"]) from None
+        if not is_dir:
+            raise ConfigError("$RELAY_CTRL_DIR_FD is not a directory",
+                              value=environ["RELAY_CTRL_DIR_FD"])
         store = SpoolStore(environ.get("RELAY_CTRL_DIR") or f"(descriptor {fd})", expiry,
                            dir_fd=fd)
         # The decision is made here: the programs we run get no handle on the spool.
@@ -69,7 +76,9 @@ def _control(ctx: click.Context, environ: dict[str, str]) -> Any:
         store = SpoolStore(environ["RELAY_CTRL_DIR"], expiry)
     else:
         if settings.store is None:
-            settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            from relaygate.runtime import make_data_dir
+
+            make_data_dir(settings)
         store = open_store(settings.store_url, expiry=expiry)
     rules = RuleSet.load(settings.rules_file) if settings.rules_file else RuleSet.empty()
     return RelayControl(store, rules, expiry=expiry, relayclient=relayclient)

@@ -69,9 +69,9 @@ from relaygate.status import (
     ErrorRing,
     lock_holder,
     queue_summary,
-    redact_url,
     write_status,
 )
+from relaygate.stores import redact_url
 
 log = logging.getLogger("relaygate.serve")
 

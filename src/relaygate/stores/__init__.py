@@ -20,17 +20,19 @@ if TYPE_CHECKING:
 SCHEMES = ("memory", "spool", "sqlite", "redis", "rediss")
 
 
+def redact_url(url: str) -> str:
+    """A store URL safe to show: ``redis://:secret@host`` -> ``redis://:***@host``."""
+    import re  # not at the top: the chain programs only pay for it on an error
+
+    return re.sub(r"(//[^/@:]*:)([^/@]*)@", r"\1***@", url)
+
+
 def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
     """Open the store named by ``url``; ``expiry`` is the default window length.
 
     Raises ConfigError for a URL that names no store (the message shows the URL).
     """
-    scheme, sep, rest = url.partition(":")
-    if not sep or scheme not in SCHEMES:
-        raise ConfigError(
-            "store URL must start with memory:, spool://, sqlite://, redis:// or rediss://",
-            value=url,
-        )
+    scheme, rest = check_url(url)
     if scheme == "memory":
         from relaygate.stores.memory import MemoryStore
 
@@ -46,6 +48,30 @@ def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
     from relaygate.stores.redis import RedisStore
 
     return RedisStore.from_url(url)
+
+
+def check_url(url: str) -> tuple[str, str]:
+    """(scheme, rest) of a store URL, or ConfigError; nothing is opened or imported.
+
+    The settings call this at start-up so a bad URL is reported with the file
+    and line (or variable) it came from, before any server starts.
+    """
+    scheme, sep, rest = url.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise ConfigError(
+            "store URL must start with memory:, spool://, sqlite://, redis:// or rediss://",
+            value=redact_url(url),
+        )
+    if scheme in ("spool", "sqlite"):
+        _path_of(url, rest)
+    elif scheme in ("redis", "rediss"):
+        from urllib.parse import urlsplit
+
+        try:
+            urlsplit(url).port  # noqa: B018 - parsing the port is the check
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis store URL ({exc})", value=redact_url(url)) from None
+    return scheme, rest
 
 
 def _path_of(url: str, rest: str) -> str:

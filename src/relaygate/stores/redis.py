@@ -53,6 +53,7 @@ from redis.retry import Retry
 from relaygate.addresses import require_canonical
 from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
+from relaygate.stores import redact_url
 
 DEFAULT_PREFIX = "relaygate:grant:"
 
@@ -165,7 +166,8 @@ class RedisStore:
         """
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError("Redis store URL must start with redis:// or rediss://", value=url)
+            raise ConfigError("Redis store URL must start with redis:// or rediss://",
+                              value=redact_url(url))
         query = parse_qsl(parts.query, keep_blank_values=True)
         prefix = DEFAULT_PREFIX
         rest = []
@@ -175,7 +177,7 @@ class RedisStore:
             else:
                 rest.append((key, value))
         if not prefix:
-            raise ConfigError("Redis key prefix must not be empty", value=url)
+            raise ConfigError("Redis key prefix must not be empty", value=redact_url(url))
         clean = urlunsplit(parts._replace(query=urlencode(rest)))
         try:
             client = redis.Redis.from_url(
@@ -185,7 +187,7 @@ class RedisStore:
                 retry=Retry(NoBackoff(), RETRIES),
             )
         except ValueError as exc:
-            raise ConfigError(f"bad Redis store URL ({exc})", value=url) from None
+            raise ConfigError(f"bad Redis store URL ({exc})", value=redact_url(url)) from None
         return cls(client, prefix, owns_client=True)
 
     def _error(self, what: str, exc: Exception) -> StoreError:

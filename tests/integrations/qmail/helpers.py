@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -31,6 +32,14 @@ free_port = _conftest.free_port
 have_ipv6_loopback = _conftest.have_ipv6_loopback
 need_program = _conftest.need_program
 wait_port = _conftest.wait_port
+REQUIRE_INTEGRATION: bool = _conftest.REQUIRE_INTEGRATION
+
+
+def skip_or_fail(why: str) -> NoReturn:
+    """Skip locally; fail under RELAYGATE_REQUIRE_INTEGRATION=1 (CI must run every test)."""
+    if REQUIRE_INTEGRATION:
+        pytest.fail(f"{why} (RELAYGATE_REQUIRE_INTEGRATION=1 forbids skipping)")
+    pytest.skip(why)
 
 #: The chain programs, installed next to the interpreter running the tests.
 BIN = Path(sys.executable).parent

@@ -24,6 +24,7 @@ from .helpers import (
     parse_env,
     program,
     run,
+    skip_or_fail,
     start_debian_tcpserver,
     start_relaygate_tcpserver,
     talk,
@@ -279,7 +280,7 @@ def secure_layout() -> Iterator[tuple[Path, Path, Path]]:
     """/var/spool/relay-ctrl as the secure deployment has it, in a world-traversable temp dir:
     parent 0700 root, allow/ 0770 root:nogroup (the group of the unprivileged user)."""
     if os.geteuid() != 0:
-        pytest.skip("the privilege-drop deployment test needs root")
+        skip_or_fail("the privilege-drop deployment test needs root")
     base = Path(tempfile.mkdtemp(prefix="relaygate-secure-", dir="/tmp"))
     base.chmod(0o755)
     parent = base / "relay-ctrl"
@@ -300,7 +301,7 @@ def test_secure_deployment_with_relay_ctrl_chdir(secure_layout: tuple[Path, Path
     src = Path(relaygate.__file__).resolve().parent.parent
     interp = _interpreter_for("nobody", src)
     if interp is None:
-        pytest.skip("no Python interpreter here can be run by 'nobody'")
+        skip_or_fail("no Python interpreter here can be run by 'nobody'")
     bindir = base / "bin"
     bindir.mkdir()
     bindir.chmod(0o755)
@@ -339,7 +340,6 @@ def test_relaygate_tcpserver_with_redis(tmp_path: Path, redis_server: object,
                                         servers: list[Server]) -> None:
     """The cluster set-up: relay-ctrl-allow on a POP host writes to Redis, the SMTP
     host's relaygate tcpserver reads it."""
-    pytest.importorskip("relaygate.stores.redis")
     url = f"{redis_server.url}?prefix=qmail-tcpserver-test:"  # type: ignore[attr-defined]
     result = run([program("relay-ctrl-allow")],
                  {"TCPREMOTEIP": "127.0.0.2", "USER": "alice", "RELAYGATE_STORE": url})
@@ -393,3 +393,9 @@ def test_relaygate_tcpserver_start_up_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and b"envuidgid" in result.stderr
     result = run([relaygate, "tcpserver", "-u", "nobody", "127.0.0.1", "0", "true"], env)
     assert result.returncode == 2 and b"numeric" in result.stderr
+    # $RELAY_CTRL_DIR_FD that is not an open directory: one line naming it, exit 111
+    result = run([relaygate, "tcpserver", "127.0.0.1", "0", "true"],
+                 {"RELAY_CTRL_DIR_FD": "57"})
+    assert result.returncode == 111, result.stderr
+    assert b"$RELAY_CTRL_DIR_FD is not an open descriptor" in result.stderr
+    assert b"Traceback" not in result.stderr
