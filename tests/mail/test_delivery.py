@@ -446,6 +446,64 @@ async def test_local_domain_recipients_go_to_maildir(tmp_path: Path, sink: Sink)
     assert sink.received == []
 
 
+async def test_rcpthosts_file_domains_are_local_too(tmp_path: Path, sink: Sink) -> None:
+    """The worker's local domains are the SMTP server's: a qmail rcpthosts file, any spelling."""
+    rcpthosts = tmp_path / "rcpthosts"
+    rcpthosts.write_text("local.test\n.sub.test\n")
+    directory = StaticDirectory()
+    dave = add_account(directory, tmp_path, "dave")
+    alice = add_account(directory, tmp_path, "alice", domain="x.sub.test")
+    postmaster = add_account(directory, tmp_path, "postmaster")
+    settings = make_settings(tmp_path, routes=(f":127.0.0.1:{sink.port}",)).replace(
+        domains=(), rcpthosts_file=rcpthosts)
+    ctx = make_ctx(settings, directory)
+    ctx.queue.enqueue("alice@X.Sub.Test.", ["dave@LOCAL.test", "nobody@local.test"],
+                      message("rcpthosts"))
+    # A failed bounce goes to the postmaster at the first rcpthosts domain.
+    ctx.queue.enqueue("", ["gone@local.test"], message("a bounce"))
+    w = worker_for(ctx)
+    await w.start()
+    try:
+        await wait_until(lambda: queue_empty(ctx) and maildir_messages(alice.maildir)
+                         and maildir_messages(postmaster.maildir))
+    finally:
+        await w.stop(5)
+    (got,) = maildir_messages(dave.maildir)
+    assert got["Subject"] == "rcpthosts"
+    (dsn,) = maildir_messages(alice.maildir)
+    assert dsn_fields(dsn)[1]["Final-Recipient"] == "rfc822; nobody@local.test"
+    (copy,) = maildir_messages(postmaster.maildir)
+    assert copy["To"] == "<postmaster@local.test>"
+    assert sink.received == []
+
+
+async def test_reload_rereads_rcpthosts_and_smtproutes(tmp_path: Path) -> None:
+    from relaygate.errors import ConfigError
+
+    rcpthosts = tmp_path / "rcpthosts"
+    rcpthosts.write_text("local.test\n")
+    routes = tmp_path / "smtproutes"
+    routes.write_text("remote.test:127.0.0.1:2525\n")
+    settings = make_settings(tmp_path).replace(domains=(), rcpthosts_file=rcpthosts,
+                                               smtproutes_file=routes)
+    w = worker_for(make_ctx(settings))
+    assert not w.rcpthosts.is_local("new.test")
+    rcpthosts.write_text("local.test\nnew.test\n")
+    routes.write_text("remote.test:127.0.0.1:2626\n")
+    w.reload()
+    assert w.rcpthosts.is_local("new.test")
+    route = w.routes.lookup("remote.test")
+    assert route is not None and route.relay is not None and route.relay.port == 2626
+    # A bad file raises (serve logs it) and both old tables stay.
+    rcpthosts.write_text("other.test\n")
+    routes.write_text("remote.test:[::1\n")
+    with pytest.raises(ConfigError):
+        w.reload()
+    assert w.rcpthosts.is_local("new.test") and not w.rcpthosts.is_local("other.test")
+    route = w.routes.lookup("remote.test")
+    assert route is not None and route.relay is not None and route.relay.port == 2626
+
+
 async def test_per_destination_limit(tmp_path: Path) -> None:
     sink = await Sink(gather=2).start()
     ctx = make_ctx(make_settings(tmp_path, routes=(f":127.0.0.1:{sink.port}",),

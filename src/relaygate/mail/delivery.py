@@ -80,6 +80,7 @@ from relaygate.mail.queue import (
     QueueLock,
     Recipient,
 )
+from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.mail.routes import (
     SMTP_PORT,
     DnsPythonResolver,
@@ -89,6 +90,7 @@ from relaygate.mail.routes import (
     Target,
     resolve_targets,
 )
+from relaygate.protocols.smtp_address import AddressError, canonical_domain
 
 if TYPE_CHECKING:
     from relaygate.mail.directory import Account
@@ -557,7 +559,9 @@ class DeliveryWorker:
         self._lock: QueueLock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gauges_at = 0.0
-        self._local_domains = {d.lower() for d in self.settings.local_domains if d}
+        #: local domains as the SMTP server sees them: ``domains``, the rcpthosts file
+        #: (and morercpthosts), ``.suffix`` lines, IDNA and case variants
+        self.rcpthosts = RcptHosts.from_settings(self.settings)
 
     # -- Service -----------------------------------------------------------------
 
@@ -567,6 +571,12 @@ class DeliveryWorker:
     async def start(self) -> None:
         await self._prepare()
         self._task = asyncio.create_task(self._run(), name="relaygate-queue")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the local domains and smtproutes; a bad file raises, the old stay."""
+        rcpthosts = RcptHosts.from_settings(self.settings)
+        routes = Routes.from_settings(self.settings)
+        self.rcpthosts, self.routes = rcpthosts, routes
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop taking work; let deliveries in flight finish for ``grace`` s, then cancel."""
@@ -929,7 +939,7 @@ class DeliveryWorker:
                               data: bytes) -> list[Outcome]:
         addrs = [r.addr for r in rcpts]
         try:
-            if domain in self._local_domains and self.ctx.directory is not None:
+            if self.ctx.directory is not None and self.rcpthosts.is_local(domain):
                 return await self._deliver_local(env, addrs, data)
             route = self.routes.lookup(domain)
             key = f"relay:{route.relay}" if route is not None and route.relay else domain
@@ -960,7 +970,7 @@ class DeliveryWorker:
         directory = self.ctx.directory
         if directory is None:
             return None
-        return await asyncio.to_thread(directory.find_recipient, address)
+        return await asyncio.to_thread(directory.find_recipient, _canonical(address))
 
     async def _deliver_local(self, env: Envelope, addrs: Sequence[str],
                              data: bytes) -> list[Outcome]:
@@ -991,8 +1001,8 @@ class DeliveryWorker:
         pm = self.qs.postmaster
         if "@" in pm:
             return pm
-        domains = self.settings.local_domains
-        return f"{pm}@{domains[0] if domains else self.settings.hostname}"
+        # The SMTP server's <Postmaster> is at the same first local domain.
+        return f"{pm}@{self.rcpthosts.primary or self.settings.hostname}"
 
     async def _notify(self, env: Envelope, rcpts: Sequence[Recipient], data: bytes,
                       now: float, *, action: str) -> None:
@@ -1029,7 +1039,7 @@ class DeliveryWorker:
         dsn = build_dsn(reporting_mta=host, to=env.sender, recipients=drs, original=data,
                         arrival=env.created, now=now, queue_id=env.id)
         account = None
-        if domain_of(env.sender) in self._local_domains:
+        if self.rcpthosts.is_local(domain_of(env.sender)):
             account = await self._find_account(env.sender)
         if account is not None:
             await asyncio.to_thread(maildir.deliver, account.maildir,
@@ -1040,6 +1050,17 @@ class DeliveryWorker:
             new_id = await asyncio.to_thread(self.queue.enqueue, "", [env.sender], dsn)
             event("delivery.dsn", id=env.id, to=env.sender, action=action, via="queue",
                   dsn_id=new_id, recipients=len(drs))
+
+
+def _canonical(address: str) -> str:
+    """``address`` with its domain as the SMTP server writes it (case, trailing dot, IDNA)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    try:
+        return f"{local}@{canonical_domain(domain)}"
+    except AddressError:
+        return address
 
 
 def _dsn_status(status: str | None, action: str) -> str:
