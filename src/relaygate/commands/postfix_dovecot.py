@@ -106,7 +106,8 @@ def dovecot_postlogin(ctx: click.Context, args: tuple[str, ...]) -> None:
 
     \b
     relaygate dovecot-postlogin [--store URL] [--expiry SECONDS] [--config FILE]
-                                [--timeout SECONDS] [--verbose] [--] PROGRAM [ARGS...]
+                                [--data-dir DIR] [--timeout SECONDS] [--verbose]
+                                [--] PROGRAM [ARGS...]
 
     Dovecot's script-login runs it after each successful login with $USER and
     $IP set and its own program as the last argument. Dovecot gives
@@ -130,7 +131,7 @@ def dovecot_postlogin(ctx: click.Context, args: tuple[str, ...]) -> None:
     cli = root.get("cli", {})
     main(list(args), os.environ, defaults={
         "store": cli.get("store"), "expiry": cli.get("expiry"),
-        "config": root.get("config_file")})
+        "data_dir": cli.get("data_dir"), "config": root.get("config_file")})
 
 
 @click.command("watch-log")

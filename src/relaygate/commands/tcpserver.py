@@ -16,8 +16,8 @@ and ``$RELAYGATE_RELAYCLIENT`` say otherwise.
 from __future__ import annotations
 
 import os
-import stat
 import signal
+import stat
 import sys
 from typing import Any
 

@@ -11,8 +11,9 @@ written after its path in ``executable =`` come first in its argument list,
 and it must exec the rest (``script-login`` itself), or the login fails.
 
 So this program: reads its options (``--store``, ``--expiry``, ``--config``,
-``--timeout``, ``--verbose``; also ``$RELAYGATE_STORE``/``$RELAYGATE_CONFIG``
-when a caller provides them), records a grant for ``$IP`` (user ``$USER``,
+``--data-dir``, ``--timeout``, ``--verbose``; also ``$RELAYGATE_STORE``,
+``$RELAYGATE_EXPIRY``, ``$RELAYGATE_CONFIG`` and ``$RELAYGATE_DATA_DIR`` when
+a caller provides them, which Dovecot itself does not), records a grant for ``$IP`` (user ``$USER``,
 domain after its ``@``, source ``dovecot``), and ``execvp``\\ s the remaining
 arguments. Recording is best effort, in qmail's relay-ctrl-allow spirit: any
 failure (no store, store unreachable or slower than ``--timeout``, bad
@@ -38,7 +39,8 @@ from typing import Any, NoReturn
 
 USAGE = (
     "usage: relaygate dovecot-postlogin [--store URL] [--expiry SECONDS] [--config FILE]\n"
-    "                                   [--timeout SECONDS] [--verbose] [--] PROGRAM [ARGS...]\n"
+    "                                   [--data-dir DIR] [--timeout SECONDS] [--verbose]\n"
+    "                                   [--] PROGRAM [ARGS...]\n"
 )
 
 #: Seconds the recording may take before the login goes on without it: a login
@@ -52,7 +54,7 @@ EXIT_TEMPFAIL = 111
 EXIT_USAGE = 2
 
 _VALUE_OPTIONS = {"--store": "store", "--expiry": "expiry", "--config": "config",
-                  "--timeout": "timeout"}
+                  "--data-dir": "data_dir", "--timeout": "timeout"}
 
 
 class _Timeout(Exception):
@@ -128,15 +130,20 @@ def record(opts: Mapping[str, Any], environ: Mapping[str, str]) -> str:
     config = opts.get("config") or environ.get("RELAYGATE_CONFIG") or None
     store_url: str | None = opts.get("store") or environ.get("RELAYGATE_STORE") or None
     expiry_text = opts.get("expiry") or environ.get("RELAYGATE_EXPIRY") or None
-    if config is not None:
+    data_dir = opts.get("data_dir") or environ.get("RELAYGATE_DATA_DIR") or None
+    if config is not None or (store_url is None and data_dir is not None):
+        # The full configuration: the file's store/data_dir/expiry, or the store in
+        # the named data directory (DATA_DIR/grants.db, as every other command).
         from relaygate.config import load_settings
 
-        cli = {"store": store_url, "expiry": expiry_text}
+        cli = {"store": store_url, "expiry": expiry_text, "data_dir": data_dir}
         settings = load_settings(cli=cli, environ=environ, config_file=config)
         store_url, expiry = settings.store_url, settings.expiry
     else:
         if store_url is None:
-            raise ValueError("no grant store configured (--store URL or --config FILE)")
+            # No default: the hook's working directory is Dovecot's, not a data directory.
+            raise ValueError("no grant store configured (--store URL, --config FILE or "
+                             "--data-dir DIR)")
         expiry = _seconds(expiry_text, "--expiry") if expiry_text else 900.0
 
     import time

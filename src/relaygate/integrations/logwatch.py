@@ -11,7 +11,9 @@ anti-forgery rules). Each match opens a window (source ``log``).
 Following a file (:class:`FileFollower`), polled every ``interval`` seconds:
 
 - start at the end of the file (old logins are history; ``--from-start``
-  reads it all), remember its device and inode;
+  reads it all), remember its device and inode; when the end is in the middle
+  of a line (the daemon is writing it), skip to the next newline: the rest of
+  a line is not a line, and a client's text inside it could look like one;
 - read what was appended; a partial last line waits for its newline;
 - when the file shrinks below our position it was truncated in place
   (logrotate's ``copytruncate``): start again from offset 0;
@@ -77,15 +79,30 @@ class _Decoder:
         self.lines = LineSplitter()
         self.journal = JournalExportReader()
         self._head = b""
+        #: drop everything up to the next newline (we started inside a line)
+        self._skip_partial = False
 
     def reset(self) -> None:
         self.lines.reset()
         self.journal.reset()
         self._head = b""
+        self._skip_partial = False
         if self.fmt == "auto":
             self.mode = None
 
+    def skip_partial_line(self) -> None:
+        """The next bytes are the end of a line: ignore them up to its newline."""
+        self._skip_partial = True
+
     def feed(self, data: bytes) -> list[LoginEvent]:
+        if self._skip_partial:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return []
+            self._skip_partial = False
+            data = data[nl + 1:]
+            if not data:
+                return []
         if self.mode is None:
             # Decide on the first complete line (or enough bytes to see one).
             self._head += data
@@ -138,6 +155,8 @@ class FileFollower:
         self.ident = (st.st_dev, st.st_ino)
         self.pos = os.lseek(fd, 0, os.SEEK_SET if from_start else os.SEEK_END)
         self.decoder.reset()
+        if self.pos > 0 and os.pread(fd, 1, self.pos - 1) != b"\n":
+            self.decoder.skip_partial_line()
         return True
 
     def close(self) -> None:

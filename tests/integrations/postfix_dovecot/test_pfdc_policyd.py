@@ -112,3 +112,54 @@ def test_tcp_policyd_answers_many_requests_per_connection(tmp_path: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_serve_runs_the_policy_service_when_enabled(tmp_path: Path) -> None:
+    """`relaygate serve` with only [policy] listen (as deploy/examples/postfix-dovecot.toml)."""
+    port = testbed.free_port()
+    sock = tmp_path / "policy.sock"
+    store = f"sqlite://{tmp_path / 'g.db'}"
+    cfg = tmp_path / "relaygate.toml"
+    cfg.write_text(f"""\
+data_dir = "{tmp_path / 'data'}"
+store = "{store}"
+[smtp]
+listen = []
+submission = []
+smtps = []
+[pop3]
+listen = []
+listen_tls = []
+[imap]
+listen = []
+listen_tls = []
+[policy]
+listen = ["127.0.0.1:{port}", "unix:{sock}"]
+""")
+    subprocess.run([RELAYGATE, "--store", store, "allow", "192.0.2.80", "--ttl", "600"],
+                   check=True, capture_output=True, timeout=30)
+    log = tmp_path / "serve.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([RELAYGATE, "serve", "--config", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        try:
+            testbed.wait_port("127.0.0.1", port)
+        except OSError:
+            raise AssertionError(log.read_text()) from None
+        for family, address in ((socket.AF_INET, ("127.0.0.1", port)),
+                                (socket.AF_UNIX, str(sock))):
+            with socket.socket(family) as s:
+                s.settimeout(10)
+                s.connect(address)
+                f = s.makefile("rb")
+                for ip, want in [("192.0.2.80", b"OK"), ("192.0.2.81", b"DUNNO")] * 2:
+                    s.sendall(format_request({"request": "smtpd_access_policy",
+                                              "client_address": ip}))
+                    assert f.readline() == b"action=" + want + b"\n"
+                    assert f.readline() == b"\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert not sock.exists()
+    assert 'relay.decision service=policy ip=192.0.2.80 action=OK' in log.read_text()

@@ -88,6 +88,20 @@ def test_starts_at_the_end_and_reads_appended_lines(tmp_path: Path, follow) -> N
     assert col.ips == ["192.0.2.2"]
 
 
+def test_starting_inside_a_line_skips_its_rest(tmp_path: Path, follow) -> None:  # type: ignore[no-untyped-def]
+    # The watcher starts while Postfix is writing a line whose MAIL FROM holds a complete
+    # Dovecot login line: what follows the start position is not a line of its own.
+    log = tmp_path / "mail.log"
+    log.write_bytes(b"Nov 28 02:56:49 mx postfix/smtpd[1]: NOQUEUE: reject: RCPT from x[203.0.113"
+                    b".1]: 554 5.7.1 Relay access denied; from=<")
+    col = follow(log)
+    time.sleep(0.1)
+    append(log, login_line("203.0.113.9").rstrip(b"\n") + b"> to=<a@b.example>\n")
+    append(log, login_line("192.0.2.30"))
+    col.wait_for("192.0.2.30")
+    assert col.ips == ["192.0.2.30"]
+
+
 def test_from_start_reads_history(tmp_path: Path, follow) -> None:  # type: ignore[no-untyped-def]
     log = tmp_path / "mail.log"
     log.write_bytes(login_line("192.0.2.1") + b"junk\n" + login_line("2001:db8::1"))
@@ -228,8 +242,58 @@ def test_hook_store_from_config_file(tmp_path: Path) -> None:
     assert "window.opened ip=192.0.2.51" in out.stderr and "expiry=30" in out.stderr
 
 
+def listed(store: str) -> dict[str, dict[str, object]]:
+    out = subprocess.run([RELAYGATE, "--store", store, "list", "--json"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return {g["ip"]: g for g in json.loads(out.stdout)}
+
+
+def test_hook_honours_relaygate_variables_when_it_gets_them(tmp_path: Path) -> None:
+    # Dovecot does not pass them (docs/postfix-dovecot.md), but a wrapper or another
+    # caller may: $RELAYGATE_STORE/$RELAYGATE_EXPIRY, $RELAYGATE_CONFIG, $RELAYGATE_DATA_DIR.
+    env_store = f"sqlite://{tmp_path / 'env.db'}"
+    out = run_hook(["/bin/true"], {"IP": "192.0.2.70", "RELAYGATE_STORE": env_store,
+                                   "RELAYGATE_EXPIRY": "77"})
+    assert out.returncode == 0 and out.stderr == ""
+    grant = listed(env_store)["192.0.2.70"]
+    assert grant["expires_at"] - grant["opened_at"] == pytest.approx(77, abs=1)
+
+    cfg = tmp_path / "relaygate.toml"
+    cfg_store = f"sqlite://{tmp_path / 'cfg.db'}"
+    cfg.write_text(f'store = "{cfg_store}"\nexpiry = 33\n')
+    out = run_hook(["/bin/true"], {"IP": "192.0.2.71", "RELAYGATE_CONFIG": str(cfg)})
+    assert out.returncode == 0 and out.stderr == ""
+    grant = listed(cfg_store)["192.0.2.71"]
+    assert grant["expires_at"] - grant["opened_at"] == pytest.approx(33, abs=1)
+    # An option on the command line wins over the environment.
+    opt_store = f"sqlite://{tmp_path / 'opt.db'}"
+    out = run_hook(["--store", opt_store, "/bin/true"],
+                   {"IP": "192.0.2.72", "RELAYGATE_CONFIG": str(cfg)})
+    assert out.returncode == 0, out.stderr
+    assert "192.0.2.72" in listed(opt_store) and "192.0.2.72" not in listed(cfg_store)
+
+    data = tmp_path / "data"
+    out = run_hook(["/bin/true"], {"IP": "192.0.2.73", "RELAYGATE_DATA_DIR": str(data)})
+    assert out.returncode == 0 and out.stderr == ""
+    assert "192.0.2.73" in listed(f"sqlite://{data / 'grants.db'}")
+
+
+def test_hook_data_dir_option_and_group_option(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    out = run_hook(["--data-dir", str(data), "/bin/true"], {"IP": "192.0.2.74"})
+    assert out.returncode == 0 and out.stderr == ""
+    cli = subprocess.run([RELAYGATE, "--data-dir", str(data), "dovecot-postlogin", "/bin/true"],
+                         env={"PATH": os.environ["PATH"], "IP": "192.0.2.75"},
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stderr == ""
+    assert {"192.0.2.74", "192.0.2.75"} <= set(listed(f"sqlite://{data / 'grants.db'}"))
+
+
 @pytest.mark.parametrize("args, env, complaint", [
     (["--store", "sqlite:///proc/no/such/dir/g.db"], {"IP": "192.0.2.1"}, "no relay window"),
+    (["--store", "redis://127.0.0.1:1/0"], {"IP": "192.0.2.1"}, "Connection refused"),
+    (["--config", "/nonexistent/relaygate.toml"], {"IP": "192.0.2.1"}, "not found"),
+    ([], {"IP": "192.0.2.1", "RELAYGATE_CONFIG": "/nonexistent/relaygate.toml"}, "not found"),
     (["--store", "memory:"], {"IP": "not-an-ip"}, "invalid client address"),
     (["--store", "memory:"], {}, "no $IP"),
     ([], {"IP": "192.0.2.1"}, "no grant store configured"),
