@@ -501,3 +501,16 @@ def test_status_json_shape_is_stable(tmp_path: Path) -> None:
     json.dumps(doc)
     assert {"state", "pid", "services", "errors", "store", "updated_at"} <= set(doc)
 
+
+
+def test_listening_events_name_each_listener_kind() -> None:
+    class Svc:
+        name = "pop3"
+
+        def listeners(self) -> list[str]:
+            return ["pop3 127.0.0.1:1110", "pop3s 127.0.0.1:1995", "[::1]:1110",
+                    "unix:/run/x.sock"]
+
+    assert serve_mod._listening(Svc()) == [  # type: ignore[arg-type]
+        ("pop3", "127.0.0.1:1110"), ("pop3s", "127.0.0.1:1995"), ("pop3", "[::1]:1110"),
+        ("pop3", "unix:/run/x.sock")]

@@ -16,7 +16,8 @@ class Metrics:
             "relaygate_logins", "Mailbox logins by protocol and result (ok, failed, throttled)",
             ["protocol", "result"], registry=r)
         self.windows = Counter(
-            "relaygate_windows", "Relay windows by event (opened, refreshed, expired, revoked)",
+            "relaygate_windows",
+            "Relay windows by event (opened, refreshed, expired; failed: the store refused one)",
             ["event"], registry=r)
         self.decisions = Counter(
             "relaygate_relay_decisions", "Relay decisions by verdict and reason kind",

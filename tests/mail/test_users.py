@@ -147,6 +147,28 @@ async def test_throttle_per_address_and_per_account(tmp_path: Path) -> None:
     db.close()
 
 
+async def test_throttle_account_lockout_covers_every_spelling(tmp_path: Path) -> None:
+    # "bob" logs in as "bob" or as his primary address "bob@example.test": a
+    # lockout earned under one spelling must hold for the other, or a guesser
+    # simply switches names once the account is locked.
+    db = make_db(tmp_path)
+    db.add("bob", "pw-b")
+    for i in range(3):
+        assert not (await db.authenticate("bob", "guess", f"127.0.1.{i}")).ok
+    for name in ("bob", "BOB@Example.TEST", "bob@example.test"):
+        r = await db.authenticate(name, "pw-b", "127.0.2.1")
+        assert r.throttled and not r.ok, name
+    db.close()
+    # ... and the other way round, APOP included.
+    db = make_db(tmp_path / "b")
+    db.add("carol", "pw-c", apop=True)
+    for i in range(3):
+        assert not (await db.authenticate("carol@example.test", "guess", f"127.0.3.{i}")).ok
+    assert (await db.authenticate("carol", "pw-c", "127.0.4.1")).throttled
+    assert (await db.authenticate_apop("carol", "<1.2@h>", "0" * 32, "127.0.4.2")).throttled
+    db.close()
+
+
 async def test_throttle_unknown_users_count_per_address(tmp_path: Path) -> None:
     db = make_db(tmp_path)
     db.add("alice", "pw-a")

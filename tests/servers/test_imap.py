@@ -250,6 +250,18 @@ def test_login_opens_window_for_exactly_that_address(harness: Harness) -> None:
     c.logout()
 
 
+def test_window_opened_is_logged_with_its_length(harness: Harness,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # The same event line as POP3's: ``expires`` is the window's length in
+    # seconds, not an epoch timestamp.
+    with caplog.at_level(logging.INFO, logger="relaygate.events"):
+        login(harness, "127.0.0.2").logout()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("window.opened")]
+    assert len(lines) == 1, lines
+    assert "ip=127.0.0.2" in lines[0] and "source=imap" in lines[0]
+    assert re.search(r"\bexpires=900\b", lines[0]), lines[0]
+
+
 def test_login_from_ipv6_loopback(harness: Harness) -> None:
     if not have_ipv6_loopback():
         pytest.skip("no IPv6 loopback")

@@ -29,6 +29,7 @@ from pop3_harness import (
 
 from conftest import have_ipv6_loopback
 from relaygate.config import AuthSettings
+from relaygate.errors import ConfigError
 from relaygate.mail.maildir import deliver
 from relaygate.servers.base import Listen
 
@@ -371,6 +372,7 @@ async def test_store_failure_does_not_fail_the_login(tmp_path: Path) -> None:
 
         assert (await asyncio.to_thread(session)).startswith(b"+OK")
         assert h.metric("relaygate_windows_total", event="opened") == 0
+        assert h.metric("relaygate_windows_total", event="failed") == 1  # as IMAP counts it
     finally:
         await h.stop()
 
@@ -594,5 +596,42 @@ async def test_no_tls_listener_without_a_certificate(tmp_path: Path) -> None:
         assert [k for k, _, _ in h.service.addresses()] == ["pop3"]
         caps = await asyncio.to_thread(lambda: client(h).capa())
         assert "STLS" not in caps
+    finally:
+        await h.stop()
+
+
+async def test_bad_certificate_is_a_configuration_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="cannot load the TLS certificate") as info:
+        await start_pop3(tmp_path, tls=(bad, bad))
+    assert info.value.source == str(bad)
+
+
+async def test_reload_swaps_the_certificate_and_keeps_it_on_error(tmp_path: Path) -> None:
+    # pop3d reloads its own certificate on SIGHUP (under serve the context is shared).
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = tls_files(old_ca, tmp_path)
+    h = await start_pop3(tmp_path, tls=(cert, key))
+
+    def handshake(ca: trustme.CA) -> None:
+        c = client(h)
+        c.stls(client_context(ca))
+        c.quit()
+
+    try:
+        await asyncio.to_thread(handshake, old_ca)
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        new_cert, new_key = tls_files(new_ca, fresh)
+        cert.write_bytes(new_cert.read_bytes())
+        key.write_bytes(new_key.read_bytes())
+        h.service.reload()
+        await asyncio.to_thread(handshake, new_ca)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(handshake, old_ca)
+        cert.write_text("garbage\n")
+        h.service.reload()  # logged, the current certificate stays
+        await asyncio.to_thread(handshake, new_ca)
     finally:
         await h.stop()

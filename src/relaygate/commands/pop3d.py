@@ -4,8 +4,9 @@ For hosts that want POP-before-SMTP without the rest of ``relaygate serve``
 (e.g. in front of qmail or Postfix sharing the same grant store), and for the
 login benchmark. Signals: SIGTERM/SIGINT stop (idle sessions are cut at once,
 RETR/QUIT in progress may finish within ``shutdown_grace``); SIGHUP re-reads
-the users. Exit codes: 0 after a clean stop; 111 when a listener cannot be
-bound or the store/user database cannot be opened.
+the users and the TLS certificate. Exit codes: 0 after a clean stop; 2 when no
+listener is configured; 111 when a listener cannot be bound or the store, the
+user database or the TLS certificate cannot be opened.
 """
 
 from __future__ import annotations

@@ -418,7 +418,7 @@ class UserDB:
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
-        if self.throttle.locked(ip, login):
+        if self.throttle.locked(ip, self._throttle_key(login)):
             return await self._throttled(start, login, ip, service)
         account, why = await self._run(self._verify_sync, login, password)
         if account is not None:
@@ -433,7 +433,7 @@ class UserDB:
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
-        if self.throttle.locked(ip, login):
+        if self.throttle.locked(ip, self._throttle_key(login)):
             return await self._throttled(start, login, ip, service)
         account = self.find_account(login)
         secret = self.apop_secret(login)
@@ -446,6 +446,12 @@ class UserDB:
             why = "wrong digest"
         return await self._failed(start, login, ip, service, why)
 
+    def _throttle_key(self, login: str) -> str:
+        """The account name failures are counted under: one key per account, however
+        it is typed (login or primary address), so neither spelling escapes a lockout."""
+        account = self.find_account(login)
+        return account.login if account is not None else login
+
     async def _throttled(self, start: float, login: str, ip: str,
                          service: str | None) -> LoginResult:
         event("login.throttled", level=logging.WARNING, user=_loggable(login), ip=ip,
@@ -455,8 +461,7 @@ class UserDB:
 
     async def _failed(self, start: float, login: str, ip: str, service: str | None,
                       why: str) -> LoginResult:
-        account = self.find_account(login)
-        key = account.login if account is not None else login
+        key = self._throttle_key(login)
         tipped = self.throttle.record_failure(ip, key)
         event("login.failed", level=logging.WARNING, user=_loggable(login), ip=ip,
               service=service, reason=why)

@@ -1234,12 +1234,14 @@ class ImapService:
             self.ctx.metrics.windows.labels("failed").inc()
             return
         self.ctx.metrics.windows.labels(what).inc()
+        # ``expires``: the window's length in seconds, as POP3 logs it
+        expires = int(grant.expires_at - grant.opened_at)
         if what == "opened":
             event("window.opened", ip=grant.ip, user=account.login, domain=account.domain,
-                  source="imap", expires=int(grant.expires_at))
+                  source="imap", expires=expires)
         else:
             event("window.refreshed", level=logging.DEBUG, ip=grant.ip, user=account.login,
-                  source="imap", expires=int(grant.expires_at))
+                  source="imap", expires=expires)
 
     async def _refresh(self, account: Account, ip: str, interval: float) -> None:
         while True:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from relaygate.addresses import is_loopback, parse_ip
-from relaygate.errors import InvalidAddress
+from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.log import event
 from relaygate.mail.mailbox import (
     MailboxError,
@@ -111,6 +111,7 @@ class Pop3Service:
 
             directory = ctx.directory = open_directory(ctx.settings)
         self.directory: Directory = directory
+        self._own_context = False
         self.ssl_context = self._ssl_context()
         self.sizes = SizeCache()
         self._servers: list[tuple[str, Listen, asyncio.Server]] = []
@@ -121,14 +122,34 @@ class Pop3Service:
     def _ssl_context(self) -> ssl.SSLContext | None:
         shared = self.ctx.extra.get("ssl_context")
         if isinstance(shared, ssl.SSLContext):
-            return shared
+            return shared  # ``serve`` shares one context and reloads it on SIGHUP
         tls = self.settings.tls
         if tls.cert is None or tls.key is None:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(tls.cert, tls.key)
+        try:
+            context.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate: {exc}",
+                              source=str(tls.cert)) from None
+        self._own_context = True
         return context
+
+    def reload(self) -> None:
+        """SIGHUP (``pop3d``): re-read the certificate; keep the old one on error.
+
+        Under ``serve`` the context is shared and serve reloads it: nothing to do.
+        """
+        tls = self.settings.tls
+        if not self._own_context or self.ssl_context is None or tls.cert is None \
+                or tls.key is None:
+            return
+        try:
+            self.ssl_context.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("POP3: keeping the old TLS certificate: cannot load %s: %s",
+                      tls.cert, exc)
 
     # -- Service ---------------------------------------------------------------
 
@@ -169,7 +190,7 @@ class Pop3Service:
                 listen = parse_listen(spec, origin=origin)
                 server = await self._listen(listen, implicit)
                 self._servers.append((kind, listen, server))
-                log.info("listening: %s %s", kind, self._bound(listen, server))
+                log.debug("listening: %s %s", kind, self._bound(listen, server))
         except BaseException:
             await self.stop(0)
             raise
@@ -420,6 +441,7 @@ class Pop3Service:
         except Exception as exc:  # StoreError, or a store bug: never fail the login
             log.warning("pop3: could not open the relay window of %s for %s: %s",
                         session.ip, account.login, exc)
+            self.ctx.metrics.windows.labels("failed").inc()
             event("window.failed", ip=session.ip, user=account.login, source="pop3",
                   level=logging.WARNING)
             return

@@ -519,8 +519,8 @@ class Server:
             raise
         self.started_at = time.time()
         for svc in self.services:
-            for addr in _addresses(svc):
-                event("serve.listening", service=svc.name, address=addr)
+            for kind, addr in _listening(svc):
+                event("serve.listening", service=kind, address=addr)
         event("serve.started", pid=os.getpid(), data_dir=str(self.settings.data_dir.absolute()),
               store=redact_url(self.settings.store_url),
               domains=",".join(self.settings.local_domains))
@@ -729,6 +729,19 @@ def _addresses(svc: Service) -> list[str]:
     """A service's listener addresses without the service name some put in front."""
     prefix = f"{svc.name} "
     return [a[len(prefix):] if a.startswith(prefix) else a for a in svc.listeners()]
+
+
+def _listening(svc: Service) -> list[tuple[str, str]]:
+    """(kind, address) of each listener: ``pop3s 127.0.0.1:1995`` of service pop3 is
+    kind ``pop3s``; an address without a kind in front is the service's own."""
+    out = []
+    for addr in _addresses(svc):
+        kind, sep, rest = addr.partition(" ")
+        if sep and rest and kind.isalnum() and kind[:1].isalpha():
+            out.append((kind, rest))
+        else:
+            out.append((svc.name, addr))
+    return out
 
 
 def _version() -> str:
