@@ -119,8 +119,8 @@ class PolicySettings:
     socket_group: str | None = None
     #: seconds a policy connection may stay silent; Postfix closes its own after 300 s
     idle_timeout: float = 600.0
-    #: threads running store lookups in batches; more only help a high-latency store
-    #: (Redis far away): with SQLite they just fight over Python's GIL
+    #: threads running store lookups in batches for redis and spool stores (sqlite and
+    #: memory are looked up on the event loop); more only help a high-latency store
     threads: int = 1
 
 

@@ -163,6 +163,9 @@ class PolicyReader:
             raise PolicyProtocolError(f"line longer than {self._max_line} bytes")
         if buf.count(b"\n") > self._max_attributes:
             raise PolicyProtocolError(f"more than {self._max_attributes} attributes")
+        if buf.startswith(b"\r\n") or b"\n\r\n" in buf:
+            # CRLF line endings: the request would never end (Postfix sends bare LF)
+            raise PolicyProtocolError("request ends with CRLF, not an empty line")
         if self._eof and buf:
             raise PolicyProtocolError("connection closed in the middle of a request")
 
@@ -208,26 +211,46 @@ class Answer:
 
 def triage(request: PolicyRequest) -> Ask | Answer:
     """Decide what a request needs before any store is asked."""
-    rtype = request.get("request")
-    if rtype != _ACCESS_POLICY_BYTES:
-        return Answer(DUNNO, "not an smtpd_access_policy request", "other-request")
-    if request.get("sasl_username"):
+    fields = request.fields
+    if fields.get(b"request") != _ACCESS_POLICY_BYTES:
+        return _OTHER_REQUEST
+    if fields.get(b"sasl_username"):
         # Postfix already authenticated this client (permit_sasl_authenticated decides).
-        return Answer(DUNNO, "client authenticated with SASL", "sasl")
-    raw = request.get("client_address")
+        return _SASL
+    raw = fields.get(b"client_address")
     if raw is None:
         return Answer(DUNNO, "request without client_address", "invalid")
-    try:
-        return Ask(parse_ip(raw))
-    except InvalidAddress as exc:
-        return Answer(DUNNO, f"invalid client_address: {exc.why}", "invalid")
+    ask = _ASKS.get(raw)
+    if ask is None:
+        try:
+            ask = Ask(parse_ip(raw))
+        except InvalidAddress as exc:
+            return Answer(DUNNO, f"invalid client_address: {exc.why}", "invalid")
+        if len(_ASKS) >= _ASKS_MAX:
+            _ASKS.clear()
+        _ASKS[raw] = ask
+    return ask
+
+
+#: Recently seen ``client_address`` values and their canonical form (an smtpd asks
+#: for each recipient of a session from the same address). Only the parsing is
+#: remembered, a pure function of the bytes: every request still asks the store.
+_ASKS: dict[bytes, Ask] = {}
+_ASKS_MAX = 4096
+
+
+_OTHER_REQUEST = Answer(DUNNO, "not an smtpd_access_policy request", "other-request")
+_SASL = Answer(DUNNO, "client authenticated with SASL", "sasl")
+
+
+def action_for(decision: Decision) -> str:
+    """ALLOW is OK; DENY and TEMPFAIL (store unreachable) are DUNNO, never a rejection."""
+    return OK if decision.verdict is Verdict.ALLOW else DUNNO
 
 
 def answer_for(decision: Decision) -> Answer:
-    """ALLOW is OK; DENY and TEMPFAIL (store unreachable) are DUNNO, never a rejection."""
-    if decision.verdict is Verdict.ALLOW:
-        return Answer(OK, decision.reason, decision.kind)
-    return Answer(DUNNO, decision.reason, decision.kind)
+    """The reply for a decision (see :func:`action_for`), with its reason for the log."""
+    return Answer(action_for(decision), decision.reason, decision.kind)
 
 
 _ANSWERS = {OK: b"action=OK\n\n", DUNNO: b"action=DUNNO\n\n"}
