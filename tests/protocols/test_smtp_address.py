@@ -13,6 +13,7 @@ from relaygate.protocols.smtp_address import (
     TRICK_QUOTED,
     TRICK_ROUTE,
     AddressError,
+    canonical_address,
     canonical_domain,
     parse_mailbox,
     quote_local_part,
@@ -201,3 +202,10 @@ def test_parser_never_crashes_and_never_accepts_control_chars(text: str) -> None
     assert not any(ord(c) < 32 or ord(c) == 127 for c in m.local_part)
     if m.domain is not None:
         assert canonical_domain(m.domain) == m.domain  # canonical form is a fixed point
+
+
+def test_canonical_address_rewrites_only_the_domain() -> None:
+    assert canonical_address("Bob@EXAMPLE.org.") == "Bob@example.org"
+    assert canonical_address("bob@b\u00fccher.example") == "bob@xn--bcher-kva.example"
+    assert canonical_address("no-at-sign") == "no-at-sign"
+    assert canonical_address("bob@bad..domain") == "bob@bad..domain"

@@ -90,7 +90,7 @@ from relaygate.mail.routes import (
     Target,
     resolve_targets,
 )
-from relaygate.protocols.smtp_address import AddressError, canonical_domain
+from relaygate.protocols.smtp_address import canonical_address
 
 if TYPE_CHECKING:
     from relaygate.mail.directory import Account
@@ -970,7 +970,7 @@ class DeliveryWorker:
         directory = self.ctx.directory
         if directory is None:
             return None
-        return await asyncio.to_thread(directory.find_recipient, _canonical(address))
+        return await asyncio.to_thread(directory.find_recipient, canonical_address(address))
 
     async def _deliver_local(self, env: Envelope, addrs: Sequence[str],
                              data: bytes) -> list[Outcome]:
@@ -1050,17 +1050,6 @@ class DeliveryWorker:
             new_id = await asyncio.to_thread(self.queue.enqueue, "", [env.sender], dsn)
             event("delivery.dsn", id=env.id, to=env.sender, action=action, via="queue",
                   dsn_id=new_id, recipients=len(drs))
-
-
-def _canonical(address: str) -> str:
-    """``address`` with its domain as the SMTP server writes it (case, trailing dot, IDNA)."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address
-    try:
-        return f"{local}@{canonical_domain(domain)}"
-    except AddressError:
-        return address
 
 
 def _dsn_status(status: str | None, action: str) -> str:

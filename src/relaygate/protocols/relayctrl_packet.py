@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 relay-ctrl 3.1.1 ships ``packet.html``, a packet format its ``relay-ctrl-send``
 and ``relay-ctrl-udp`` never implemented (they send the bare ASCII address,
-unauthenticated; its TODO asks for "a timestamp and a cryptographic signature
+unauthenticated; its to-do note asks for "a timestamp and a cryptographic signature
 of all the rest of the packet + a secret"). relaygate speaks that format.
 Byte by byte::
 

@@ -281,6 +281,19 @@ def canonical_domain(text: str) -> str:
     return result
 
 
+def canonical_address(address: str) -> str:
+    """``address`` with its domain in the canonical spelling (case, trailing dot,
+    IDNA); the local part is kept as written. Returned unchanged when it has no
+    ``@`` or its domain is not valid."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    try:
+        return f"{local}@{canonical_domain(domain)}"
+    except AddressError:
+        return address
+
+
 def _canonical_label(label: str) -> str:
     if not label or len(label) > MAX_LABEL_LENGTH * 4:
         raise AddressError("domain", "empty or overlong label")

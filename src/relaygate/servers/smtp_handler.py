@@ -69,7 +69,7 @@ from relaygate.protocols.smtp_address import (
     TRICK_AT,
     AddressError,
     Mailbox,
-    canonical_domain,
+    canonical_address,
     parse_mailbox,
 )
 
@@ -391,7 +391,7 @@ class RelayHandler:
                 return False
         wanted = f"{sender.local_part}@{sender.domain}".lower()
         owned = {account.primary_address, *account.addresses}
-        return any(_canonical_address(a) == wanted for a in owned)
+        return any(canonical_address(a).lower() == wanted for a in owned)
 
     # -- message -----------------------------------------------------------
 
@@ -567,17 +567,6 @@ def _find_account(directory: Any, login: str) -> Account | None:
         by_address: Account | None = directory.find_recipient(login)
         return by_address
     return None
-
-
-def _canonical_address(address: str) -> str:
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address.lower()
-    try:
-        domain = canonical_domain(domain)
-    except AddressError:
-        return address.lower()
-    return f"{local}@{domain}".lower()
 
 
 def _describe(authority: Authority) -> str:
