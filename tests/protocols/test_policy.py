@@ -148,6 +148,35 @@ def test_malformed_requests_are_protocol_errors(bad: bytes, why: str) -> None:
         reader.next_request()
 
 
+@pytest.mark.parametrize("name", ["request", "client_address", "sasl_username"])
+@pytest.mark.parametrize("first", [True, False])
+def test_an_attribute_a_decision_reads_may_not_repeat(name: str, first: bool) -> None:
+    line = f"{name}=x\n".encode()
+    rest = b"request=smtpd_access_policy\n" if name != "request" else b"sender=a\n"
+    body = (line + rest + line) if first else (rest + line + b"sender=b\n" + line)
+    reader = PolicyReader()
+    reader.receive_data(body + b"\n")
+    with pytest.raises(PolicyProtocolError, match=f"{name} repeated"):
+        reader.next_request()
+
+
+def test_other_attributes_are_split_out_only_when_asked_for() -> None:
+    (req,) = read_all(POSTFIX_REQUEST)
+    # What a decision reads was taken out while parsing ...
+    assert req.read == {b"request": b"smtpd_access_policy", b"client_address": b"192.0.2.7",
+                        b"sasl_username": b""}
+    # ... the rest comes from the request text on demand, every line of it.
+    lines = POSTFIX_REQUEST.rstrip(b"\n").split(b"\n")
+    assert req.fields == dict(line.split(b"=", 1) for line in lines)
+    assert len(req.fields) == len(lines) == 24
+    assert req.get("mail_version") == b"3.7.11"
+    # A repeated attribute nobody decides on is not a protocol error (Postfix never
+    # sends one; refusing it would cost a dict of every attribute per request).
+    reader = PolicyReader()
+    reader.receive_data(b"request=smtpd_access_policy\nsender=a\nsender=b\n\n")
+    assert reader.next_request() is not None
+
+
 def test_overlong_line_is_refused_before_it_ends() -> None:
     reader = PolicyReader()
     reader.receive_data(b"request=smtpd_access_policy\nsender=")
