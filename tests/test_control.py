@@ -121,3 +121,16 @@ def test_refresh_replaces_window() -> None:
 def test_expiry_must_be_positive() -> None:
     with pytest.raises(ValueError):
         make(expiry=0)
+
+
+def test_decide_canonical_is_decide_without_the_parsing() -> None:
+    c = make("192.0.2.0/24:allow,RELAYCLIENT=\"@x\"\n10.0.0.1:deny", relayclient="+r")
+    c.open_window("2001:db8::7", user="bob", domain="example.test", source="imap", now=NOW)
+    c.open_window("10.0.0.1", user="eve", source="pop3", now=NOW)
+    for ip in ("192.0.2.9", "10.0.0.1", "2001:db8::7", "2001:db8::8"):
+        assert c.decide_canonical(ip, NOW) == c.decide(ip, NOW), ip
+    d = c.decide_canonical("2001:db8::7", NOW)
+    assert (d.verdict, d.kind, d.relayclient, d.user, d.domain, d.source) == \
+        (Verdict.ALLOW, "grant", "+r", "bob", "example.test", "imap")
+    assert "bob" in d.reason and "imap" in d.reason and "expires in 900s" in d.reason
+    assert c.decide_canonical("10.0.0.1", NOW).kind == "rule-deny"
