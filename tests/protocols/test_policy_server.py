@@ -178,6 +178,29 @@ async def test_endless_line_is_cut_off_without_waiting_for_its_end(
     writer.close()
 
 
+async def test_requests_split_across_reads_on_several_connections_do_not_mix(
+        served: tuple[PolicyService, Context, int]) -> None:
+    # Every connection reads into one buffer the service owns: what a connection
+    # has of an unfinished request must be its own copy, untouched by other reads.
+    _, _, port = served
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    reqs = [request("127.0.0.3"), request("127.0.0.4"), request("2001:db8::5")]
+    for (_, writer), req in zip(conns, reqs, strict=True):
+        writer.write(req[:40])
+        await writer.drain()
+    await asyncio.sleep(0.05)
+    for (_, writer), req in zip(reversed(conns), reversed(reqs), strict=True):
+        writer.write(req[40:-5])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    for (_, writer), req in zip(conns, reqs, strict=True):
+        writer.write(req[-5:])
+    answers = [await asyncio.wait_for(r.readuntil(b"\n\n"), 5) for r, _ in conns]
+    assert answers == [b"action=OK\n\n", b"action=DUNNO\n\n", b"action=OK\n\n"]
+    for _, writer in conns:
+        writer.close()
+
+
 async def test_many_connections_many_requests(served: tuple[PolicyService, Context, int]
                                               ) -> None:
     _, ctx, port = served
