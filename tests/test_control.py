@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from relaygate.control import RelayControl
@@ -134,3 +136,41 @@ def test_decide_canonical_is_decide_without_the_parsing() -> None:
         (Verdict.ALLOW, "grant", "+r", "bob", "example.test", "imap")
     assert "bob" in d.reason and "imap" in d.reason and "expires in 900s" in d.reason
     assert c.decide_canonical("10.0.0.1", NOW).kind == "rule-deny"
+
+
+class SwitchStore(MemoryStore):
+    """A store whose lookups fail while ``down`` is set."""
+
+    down = False
+
+    def get(self, ip: str, now: float) -> Grant | None:
+        if self.down:
+            raise StoreError("connection refused")
+        return super().get(ip, now)
+
+
+def test_a_store_that_stays_down_is_warned_about_without_a_flood(
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = SwitchStore()
+    c = make(store=store)
+    store.down = True
+    with caplog.at_level(logging.WARNING, logger="relaygate.control"):
+        for i in range(50):
+            assert c.decide(f"192.0.2.{i}", NOW).verdict is Verdict.TEMPFAIL
+        warned = [r.getMessage() for r in caplog.records]
+        assert warned == ["grant store unreachable, refusing to relay for 192.0.2.0: "
+                          "connection refused"]
+        c.health.interval = 0.0  # the next failure is due a reminder
+        c.decide("192.0.2.99", NOW)
+        assert "still unreachable" in caplog.records[-1].getMessage()
+        assert "49 more refused since the last warning" in caplog.records[-1].getMessage()
+        store.down = False
+        assert c.decide("192.0.2.1", NOW).verdict is Verdict.DENY
+        c.decide("192.0.2.1", NOW)
+        msgs = [r.getMessage() for r in caplog.records]
+        assert len(msgs) == 3 and "reachable again" in msgs[2]
+        assert "51 relay decisions were refused" in msgs[2]
+        # A new outage is a new first warning.
+        store.down = True
+        c.decide("192.0.2.5", NOW)
+        assert caplog.records[-1].getMessage().startswith("grant store unreachable")

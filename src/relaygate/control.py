@@ -3,11 +3,17 @@
 This is the only place that turns rules and grants into a Decision; the SMTP
 handler, the Postfix policy service, ``relaygate tcpserver`` and the CLI all
 ask it. A StoreError becomes TEMPFAIL here, so no caller can fail open.
+
+A store that stays down would otherwise log one warning per decision (the
+policy service makes thousands a second): :class:`StoreHealth` logs the first
+failure at once, then at most one reminder every :data:`STORE_WARNING_INTERVAL`
+seconds with the number of decisions refused meanwhile, and the recovery.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from relaygate.addresses import parse_ip
@@ -24,6 +30,51 @@ DEFAULT_EXPIRY = 900.0
 
 #: The most common answer (a stranger), made once: a Decision is immutable.
 NO_WINDOW = Decision(Verdict.DENY, "no static rule and no open window", "none")
+
+#: Seconds between two "grant store still unreachable" warnings.
+STORE_WARNING_INTERVAL = 10.0
+
+
+class StoreHealth:
+    """Whether lookups are failing, to warn about a failing store without flooding.
+
+    ``failing`` is read without the lock on every successful lookup (a bool; a
+    stale read only delays the recovery message to the next lookup).
+    """
+
+    def __init__(self, interval: float = STORE_WARNING_INTERVAL) -> None:
+        self.interval = interval
+        self.failing = False
+        self._lock = threading.Lock()
+        self._since = 0.0
+        self._warned = 0.0
+        self._refused = 0
+        self._quiet = 0
+
+    def failed(self, ip: str, exc: StoreError) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._refused += 1
+            if not self.failing:
+                self.failing = True
+                self._since = self._warned = now
+                self._refused, self._quiet = 1, 0
+                log.warning("grant store unreachable, refusing to relay for %s: %s", ip, exc)
+            elif now - self._warned >= self.interval:
+                log.warning("grant store still unreachable after %.0fs, refusing to relay "
+                            "for %s: %s (%d more refused since the last warning)",
+                            now - self._since, ip, exc, self._quiet)
+                self._warned, self._quiet = now, 0
+            else:
+                self._quiet += 1
+
+    def recovered(self) -> None:
+        with self._lock:
+            if not self.failing:
+                return
+            self.failing = False
+            log.warning("grant store reachable again after %.0fs; %d relay decisions were "
+                        "refused meanwhile", time.monotonic() - self._since, self._refused)
 
 
 class RelayControl:
@@ -43,6 +94,7 @@ class RelayControl:
         self.rules = rules if rules is not None else RuleSet.empty()
         self.expiry = float(expiry)
         self.relayclient = relayclient
+        self.health = StoreHealth()
 
     # -- windows -----------------------------------------------------------
 
@@ -108,8 +160,10 @@ class RelayControl:
         try:
             grant = self.store.get(canonical, t)
         except StoreError as exc:
-            log.warning("grant store unreachable, refusing to relay for %s: %s", canonical, exc)
+            self.health.failed(canonical, exc)
             return Decision(Verdict.TEMPFAIL, f"grant store unreachable: {exc}", "store")
+        if self.health.failing:
+            self.health.recovered()
         if grant is None:
             return NO_WINDOW
         who = grant.user or "(unknown user)"

@@ -470,7 +470,9 @@ async def test_sqlite_on_the_loop_sees_every_revoke_and_creates_nothing(tmp_path
         store.close()
 
 
-async def test_sqlite_lock_on_the_loop_is_bounded_and_fails_closed(tmp_path: Path) -> None:
+async def test_sqlite_lock_on_the_loop_is_bounded_and_fails_closed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="relaygate.control")
     path = tmp_path / "grants.db"
     setup = SqliteStore(path)
     _grant(setup, "127.0.0.3")
@@ -515,6 +517,11 @@ async def test_sqlite_lock_on_the_loop_is_bounded_and_fails_closed(tmp_path: Pat
         writer.write(req)
         assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 10) == OK_B
         assert service.decider.handed_off == 1  # back on the loop
+        # The thread path warned about the failure, the loop reported the recovery.
+        warned = [r.getMessage() for r in caplog.records if r.name == "relaygate.control"]
+        assert len(warned) == 2, warned
+        assert warned[0].startswith("grant store unreachable, refusing to relay for 127.0.0.3")
+        assert warned[1].startswith("grant store reachable again")
         writer.close()
     finally:
         if locker is not None:

@@ -256,8 +256,10 @@ class _PolicyConnection(asyncio.BufferedProtocol):
                 event("relay.decision", service="policy", ip=ip, action=action,
                       reason=decision.reason, user=decision.user)
         elif verdict is Verdict.TEMPFAIL:
-            event("relay.decision", level=logging.WARNING, service="policy", ip=ip,
-                  action=action, reason=decision.reason)
+            # RelayControl has warned (once, then every few seconds): not per request.
+            if _EVENTS.isEnabledFor(logging.INFO):
+                event("relay.decision", service="policy", ip=ip, action=action,
+                      reason=decision.reason)
         elif _EVENTS.isEnabledFor(logging.DEBUG):
             event("relay.decision", level=logging.DEBUG, service="policy", ip=ip,
                   action=action, reason=decision.reason)
@@ -507,6 +509,9 @@ class _LoopDecider:
             lookup = self.reader.get
         self.local = RelayControl(_LoopStore(lookup, store), control.rules,
                                   expiry=control.expiry, relayclient=control.relayclient)
+        # One account of the store's health: the thread path reports failures, a
+        # lookup that works again on the loop reports the recovery.
+        self.local.health = control.health
         #: lookups the loop could not answer and handed to the thread path
         self.handed_off = 0
 
