@@ -1,5 +1,5 @@
 """``python -m relaygate`` runs the ``relaygate`` command."""
 
-from relaygate.cli import run
+from relaygate.entry import run
 
 run()

@@ -122,8 +122,8 @@ def dovecot_postlogin(ctx: click.Context, args: tuple[str, ...]) -> None:
 
     A failure to record the window is logged (Dovecot logs the script's
     stderr) and the login goes on. Exit 111 only when PROGRAM cannot be
-    executed. `python -m relaygate.integrations.dovecot` is the same program
-    without the CLI's start-up cost.
+    executed. Written first on the command line (`relaygate dovecot-postlogin
+    --store URL PROGRAM`), the hook skips the CLI's start-up entirely.
     """
     from relaygate.integrations.dovecot import main
 

@@ -345,6 +345,30 @@ def test_hook_cli_form_takes_group_options(tmp_path: Path) -> None:
     assert [g["ip"] for g in json.loads(listed.stdout)] == ["192.0.2.60"]
 
 
+def test_console_script_runs_the_hook_without_the_cli(tmp_path: Path) -> None:
+    # `relaygate dovecot-postlogin ...` (the form dovecot.conf uses) skips click: it runs
+    # once per login. The modules imported before the exec show it.
+    store = f"sqlite://{tmp_path / 'g.db'}"
+    code = ("import sys; from relaygate.entry import run; "
+            f"sys.argv = ['relaygate', 'dovecot-postlogin', '--store', {store!r}, '/bin/true']; "
+            "run()")
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code],
+                         env={"PATH": os.environ["PATH"], "IP": "192.0.2.61"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    imported = {line.rpartition("|")[2].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "relaygate.integrations.dovecot" in imported
+    assert "click" not in imported and "relaygate.cli" not in imported
+    listed = subprocess.run([RELAYGATE, "--store", store, "list", "--json"],
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert [g["source"] for g in json.loads(listed.stdout)] == ["dovecot"]
+    # Help still comes from the CLI.
+    helped = subprocess.run([RELAYGATE, "dovecot-postlogin", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert helped.returncode == 0 and "exec PROGRAM" in helped.stdout
+
+
 def test_parse_args() -> None:
     opts, program, problems = parse_args(["--store=memory:", "-v", "--expiry", "5", "--",
                                           "--weird-program", "-x"])
