@@ -6,10 +6,11 @@ Needs root, Postfix (``postfix``, ``postconf``, ``smtp-source``).
 1. Messages per second through a real Postfix (``smtp-source -s 20 -l 1024``
    into Maildirs, the configuration of the integration tests) with
    ``check_policy_service`` (relaygate policyd, SQLite store) in
-   ``smtpd_recipient_restrictions`` vs. the same Postfix without it. Two
-   Postfix instances run side by side; rounds alternate between them (the
-   order flips every round), the queue drains and the Maildirs are emptied
-   before each measurement. Target: >= 0.9x.
+   ``smtpd_recipient_restrictions`` vs. the same Postfix without it. Target:
+   >= 0.9x. A third instance asks a constant policy server instead (the one of
+   measure 2): what Postfix's own policy client costs, whoever answers. The
+   three run side by side; rounds rotate which goes first, and every queue is
+   drained and the Maildirs emptied before each measurement.
 2. Policy decisions per second over persistent connections (20 clients, each
    sending the next request when the answer arrived, as smtpd does) against
    ``relaygate policyd`` (half the clients' addresses have an open window) vs.
@@ -206,42 +207,53 @@ def wait_drained(pf: object, timeout: float = 120.0) -> None:
 
 
 def messages(tb: ModuleType, root: Path, rounds: int, count: int
-             ) -> tuple[list[float], list[float]]:
+             ) -> tuple[list[float], list[float], list[float]]:
+    """msgs/s through three Postfix instances: relaygate's policy, a constant policy
+    server (what Postfix's own policy client costs), no policy."""
     store = f"sqlite://{root / 'postfix.db'}"
-    pport = tb.free_port()
+    pport, cport = tb.free_port(), tb.free_port()
     policyd = start([RELAYGATE, "--store", store, "policyd", "--listen", f"127.0.0.1:{pport}",
                      "--log-level", "warning"], pport, tb)
+    constant = start([sys.executable, __file__, "--constant-server", str(cport)], cport, tb)
     with_policy = tb.PostfixTestbed(
         root / "with", port=tb.free_port(), recipient_restrictions=(
             f"check_policy_service inet:127.0.0.1:{pport}, reject_unauth_destination"))
+    with_constant = tb.PostfixTestbed(
+        root / "constant", port=tb.free_port(), recipient_restrictions=(
+            f"check_policy_service inet:127.0.0.1:{cport}, reject_unauth_destination"))
     without = tb.PostfixTestbed(root / "without", port=tb.free_port(),
                                 recipient_restrictions="reject_unauth_destination")
     ours: list[float] = []
     base: list[float] = []
+    const: list[float] = []
     started = []
     try:
-        for pf in (with_policy, without):
+        for pf in (with_policy, with_constant, without):
             pf.root.mkdir()
             pf.configure()
             pf.start()
             started.append(pf)
-        for pf in (with_policy, without):  # warm-up: spawn smtpd processes, policy connections
+        for pf in started:  # warm-up: spawn smtpd processes, policy connections
             run_source(pf, 100)
             wait_drained(pf)
-        pair = [(without, base), (with_policy, ours)]
+        order = [(without, base), (with_policy, ours), (with_constant, const)]
         for _ in range(rounds):
-            for pf, out in pair:
-                wait_drained(pf)
+            for pf, out in order:
+                # Both queues drained: no measurement shares the machine with the other
+                # instance's deliveries from the run before it.
+                for other in started:
+                    wait_drained(other)
                 empty_maildirs(pf)
                 out.append(count / run_source(pf, count))
-            # Alternate who goes first (ABBA): a machine that slows down during the run
-            # (other jobs, page cache) must not always cost the same side.
-            pair.reverse()
+            # Rotate who goes first: a machine that slows down during the run (other
+            # jobs, page cache) must not always cost the same instance.
+            order = order[1:] + order[:1]
     finally:
         for pf in started:
             pf.stop()
         stop(policyd)
-    return ours, base
+        stop(constant)
+    return ours, base, const
 
 
 def empty_maildirs(pf: object) -> None:
@@ -293,12 +305,12 @@ def main() -> int:
     seconds = 1.0 if args.quick else 3.0
     root = tb.make_root("relaygate-bench-postfix-")
     nan = [float("nan")]
-    d_ours = d_base = m_ours = m_base = c_ours = c_base = nan
+    d_ours = d_base = m_ours = m_base = m_const = c_ours = c_base = nan
     try:
         if args.only in (None, "decisions"):
             d_ours, d_base, c_ours, c_base = decisions(tb, root, rounds, seconds)
         if args.only in (None, "messages"):
-            m_ours, m_base = messages(tb, root, rounds, count)
+            m_ours, m_base, m_const = messages(tb, root, rounds, count)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -308,6 +320,12 @@ def main() -> int:
         (f"Postfix msgs/s, smtp-source -s 20 -m {count} (policy vs none)",
          f"{med(m_ours):.0f}", f"{med(m_base):.0f}", f"{med(m_ours) / med(m_base):.2f}x",
          f">= {TARGET_MSGS}x"),
+        ("  the same, policy = a constant server vs none (Postfix's own policy cost)",
+         f"{med(m_const):.0f}", f"{med(m_base):.0f}", f"{med(m_const) / med(m_base):.2f}x",
+         "-"),
+        ("  the same, relaygate's policy vs the constant server's",
+         f"{med(m_ours):.0f}", f"{med(m_const):.0f}", f"{med(m_ours) / med(m_const):.2f}x",
+         "-"),
         (f"policy decisions/s, {CLIENTS} persistent conns (policyd vs constant)",
          f"{med(d_ours):.0f}", f"{med(d_base):.0f}", f"{med(d_ours) / med(d_base):.2f}x",
          f">= {TARGET_DECISIONS}x"),
@@ -328,7 +346,8 @@ def main() -> int:
         return ", ".join(f"{x:.0f}" for x in xs)
 
     if args.only in (None, "messages"):
-        print(f"\nrounds: msgs/s with policy [{show(m_ours)}], without [{show(m_base)}]")
+        print(f"\nrounds: msgs/s with policy [{show(m_ours)}], with a constant policy "
+              f"[{show(m_const)}], without [{show(m_base)}]")
         result("Postfix msgs/s with policy / without", med(m_ours) / med(m_base), TARGET_MSGS)
     if args.only in (None, "decisions"):
         print(f"rounds: decisions/s policyd [{show(d_ours)}], constant [{show(d_base)}]; "
