@@ -336,7 +336,7 @@ def main() -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     load = os.getloadavg()[0]
     print(f"\nbench/postfix.py ({'quick' if args.quick else 'full'}; medians of {rounds} "
-          f"alternating rounds; cpus={os.cpu_count()}, load average {load:.1f})")
+          f"rounds, order rotating; cpus={os.cpu_count()}, load average {load:.1f})")
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
                         for j, (c, w) in enumerate(zip(r, widths, strict=True))))
