@@ -106,6 +106,18 @@ def test_same_second_deliveries_keep_their_order(tmp_path: Path) -> None:
     assert uids == [p.name for p in paths]
 
 
+def test_unique_names_sort_as_text_in_delivery_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Readers that order new/ by name (the IMAP library does) see arrival order: the
+    # microseconds are zero-padded (M095000 < M130000 as text too).
+    from relaygate.mail import maildir
+
+    clock = iter([1700000000.095, 1700000000.13, 1700000000.9, 1700000001.25])
+    monkeypatch.setattr(maildir.time, "time", lambda: next(clock))
+    names = [maildir.unique_name(10) for _ in range(4)]
+    assert sorted(names) == names
+    assert ".M095000P" in names[0] and ".M250000P" in names[3]
+
+
 def test_mark_seen_and_delete(tmp_path: Path) -> None:
     box = tmp_path / "box"
     p1 = deliver(box, b"one\n")

@@ -29,7 +29,7 @@ from relaygate.control import RelayControl
 from relaygate.errors import StoreError
 from relaygate.grants import Grant
 from relaygate.mail.directory import Account, LoginResult, StaticDirectory
-from relaygate.mail.maildir import deliver
+from relaygate.mail.maildir import deliver, ensure_maildir
 from relaygate.metrics import Metrics
 from relaygate.servers import imap as imap_mod
 from relaygate.servers.base import Context, Listen
@@ -491,6 +491,23 @@ def test_multipart_sections(harness: Harness) -> None:
     assert part == b"AAAA"
     structure = _text(c.fetch("1", "(BODYSTRUCTURE)")[1]).upper()
     assert b"MIXED" in structure and b"OCTET-STREAM" in structure
+    c.logout()
+
+
+def test_new_messages_are_numbered_in_delivery_order(harness: Harness) -> None:
+    # Names as any MTA writes them, microseconds not padded: arrival order is the
+    # numeric order (the order POP3 lists them in), not the text order nor listdir's.
+    box = harness.alice.maildir
+    ensure_maildir(box)
+    names = ["1700000000.M95000P7Q2.h", "1700000000.M130000P7Q1.h", "1700000000.M130000P7Q10.h",
+             "1700000000.M130000P7Q9.h", "1699999999.M999999P7Q99.h"]
+    for i, name in enumerate(names):
+        (box / "new" / name).write_bytes(f"Subject: m{i}\n\nbody\n".encode())
+    c = login(harness)
+    assert c.select("INBOX")[0] == "OK"
+    subjects = [_text(c.fetch(str(n), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1]).strip()
+                for n in range(1, 6)]
+    assert [s.rsplit(b"m", 1)[1][:1] for s in subjects] == [b"4", b"0", b"1", b"3", b"2"]
     c.logout()
 
 

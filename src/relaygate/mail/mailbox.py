@@ -159,9 +159,10 @@ def _flags(name: str) -> str:
 _UNIQUE_RE = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?(?:[^.]*?Q(\d+))?")
 
 
-def _order(name: str) -> tuple[int, int, int, str]:
+def delivery_order(name: str) -> tuple[int, int, int, str]:
     """Delivery order from a unique name: seconds, then microseconds (``M``), then the
-    delivery counter (``Q``); names compare as text only as a last resort."""
+    delivery counter (``Q``); names compare as text only as a last resort. POP3 lists
+    and IMAP numbers new messages in this order."""
     m = _UNIQUE_RE.match(name)
     if m is None:
         return (0, 0, 0, name)
@@ -188,7 +189,7 @@ class MaildirMailbox:
                             entries.append((e.name, Path(e.path)))
         except OSError as exc:
             raise MailboxError(f"cannot read {self.path}: {exc}") from exc
-        entries.sort(key=lambda item: _order(item[0]))
+        entries.sort(key=lambda item: delivery_order(item[0]))
         out: list[Message] = []
         seen: set[str] = set()
         for name, path in entries:

@@ -3,7 +3,7 @@
 A message is written to ``tmp/UNIQUE``, fsynced, then renamed to
 ``new/UNIQUE`` and the directory fsynced, so a reader never sees a partial
 message and a crash after the reply loses nothing. Unique names follow the
-modern convention ``SECONDS.M<usec>P<pid>Q<counter>.HOST`` with
+modern convention ``SECONDS.M<usec>P<pid>Q<counter>.HOST`` (usec in six digits) with
 ``,S=<size>`` so readers can learn the size without a stat.
 """
 
@@ -38,7 +38,10 @@ def unique_name(size: int | None = None) -> str:
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    name = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+    # Microseconds zero-padded: names made in one second sort as text in the order
+    # they were made (readers that order new/ by name, as the IMAP library does, would
+    # otherwise put M130000 before M95000).
+    name = f"{sec}.M{usec:06d}P{os.getpid()}Q{next(_counter)}.{_HOST}"
     if size is not None:
         name += f",S={size}"
     return name

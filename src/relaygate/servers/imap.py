@@ -127,6 +127,7 @@ from relaygate.addresses import parse_ip
 from relaygate.errors import ConfigError, InvalidAddress, StoreError
 from relaygate.log import event
 from relaygate.mail.directory import Account, LoginResult
+from relaygate.mail.mailbox import delivery_order
 from relaygate.mail.maildir import deliver, ensure_maildir
 from relaygate.servers.base import LISTEN_BACKLOG, Context, Listen, parse_listen
 
@@ -291,13 +292,6 @@ def _store(root: Path, data: bytes, *, recent: bool, flags: str,
     return path.name
 
 
-def _delivery_order(key: str) -> tuple[int, str]:
-    # Unique names start with the delivery time in seconds ("1700000000.M1P2Q3.host"):
-    # new messages get UIDs in that order, the order POP3 lists them in.
-    head = key.split(".", 1)[0]
-    return (int(head) if head.isdigit() and len(head) < 20 else 0, key)
-
-
 class _MailboxData(MailboxData):
     """One folder; APPEND and COPY write the bytes themselves; IDLE polls cheaply.
 
@@ -359,7 +353,8 @@ class _MailboxData(MailboxData):
         # pymap assigns UIDs to new files in this dict's order, which is
         # listdir order (arbitrary); RFC 3501 2.3.1.1 wants arrival order.
         keys = await super()._get_keys()
-        return dict(sorted(keys.items(), key=lambda kv: _delivery_order(kv[0])))
+        # Same order as POP3 (seconds, microseconds, delivery counter).
+        return dict(sorted(keys.items(), key=lambda kv: delivery_order(kv[0])))
 
     @property
     def maildir(self) -> _Maildir:
