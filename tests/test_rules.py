@@ -178,3 +178,39 @@ def test_arbitrary_text_parses_or_raises_configerror(text: str) -> None:
         RuleSet.parse(text)
     except ConfigError:
         pass
+
+
+def _naive_match(rs: RuleSet, ip: str) -> object:
+    """Longest-prefix match the slow way: every network, longest first, file order."""
+    if ip in rs.exact:
+        return rs.exact[ip]
+    addr = ipaddress.ip_address(ip)
+    for net, rule in rs.networks:
+        if addr.version == net.version and addr in net:
+            return rule
+    return rs.default
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32), st.booleans()),
+                max_size=40),
+       st.lists(st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 128)), max_size=15),
+       st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=20),
+       st.lists(st.integers(0, 2**128 - 1), min_size=1, max_size=10))
+def test_prefix_lookup_agrees_with_scanning_every_network(
+        v4: list[tuple[int, int, bool]], v6: list[tuple[int, int]],
+        probes4: list[int], probes6: list[int]) -> None:
+    lines = []
+    for number, length, allow in v4:
+        net = ipaddress.ip_network((number, length), strict=False)
+        lines.append(f"{net}:" + ('allow,RELAYCLIENT=""' if allow else "deny"))
+    for number, length in v6:
+        lines.append(f"{ipaddress.ip_network((number, length), strict=False)}:deny")
+    rs = RuleSet.parse("\n".join(lines))
+    # Probe inside the listed networks too, not only at random.
+    probes = [str(ipaddress.ip_address(n)) for n in probes4]
+    probes += [str(ipaddress.IPv4Address(number)) for number, _, _ in v4]
+    probes += [str(ipaddress.ip_address(n)) for n in probes6 if
+               ipaddress.IPv6Address(n).ipv4_mapped is None]
+    for ip in probes:
+        assert rs.match(ip) is _naive_match(rs, ip), ip

@@ -21,7 +21,9 @@ IPv6 address contains colons, the separator is the first ``:allow`` or
 Lookup follows tcpserver: the exact address first, then the longest matching
 prefix (tcprules prefixes count as /8, /16, /24; CIDR lines by their length),
 then the default line. When one address appears twice, the first line wins,
-as in ``tcprules``.
+as in ``tcprules``. The prefixes are kept in one hash table per prefix length,
+so a lookup costs one probe per distinct length, however many networks a site
+lists (a decision is made for every policy request and SMTP session).
 
 A rule *allows relaying* only when it sets ``RELAYCLIENT`` (that is what
 qmail-smtpd looks at); ``allow`` alone only lets the client connect. ``deny``
@@ -30,6 +32,7 @@ refuses the client: no relaying, whatever grants say.
 
 from __future__ import annotations
 
+import _socket
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +79,10 @@ class RuleSet:
     networks: list[tuple[_IPNetwork, Rule]] = field(default_factory=list)
     default: Rule | None = None
     count: int = 0
+    #: ``networks`` for lookup, built on first use: per IP version, a list of
+    #: (host bits, {network number >> host bits: rule}), longest prefix first.
+    _tables: dict[int, list[tuple[int, dict[int, Rule]]]] | None = field(
+        default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls) -> RuleSet:
@@ -131,10 +138,17 @@ class RuleSet:
         if rule is not None:
             return rule
         if self.networks:
-            addr = ipaddress.ip_address(ip)
-            for net, r in self.networks:
-                if addr.version == net.version and addr in net:
-                    return r
+            tables = self._tables
+            if tables is None:
+                tables = self._tables = _prefix_tables(self.networks)
+            if ":" in ip:
+                version, number = 6, int.from_bytes(_socket.inet_pton(_socket.AF_INET6, ip))
+            else:
+                version, number = 4, int.from_bytes(_socket.inet_aton(ip))
+            for host_bits, table in tables[version]:
+                found = table.get(number >> host_bits)
+                if found is not None:
+                    return found
         return self.default
 
     def __len__(self) -> int:
@@ -193,6 +207,20 @@ def _split_rule(line: str, source: str, lineno: int) -> tuple[str, bool, dict[st
         env.setdefault(name, value)
         i = close + 1
     return address, allow, env
+
+
+def _prefix_tables(networks: list[tuple[_IPNetwork, Rule]]
+                   ) -> dict[int, list[tuple[int, dict[int, Rule]]]]:
+    """Networks (longest prefix first, first line first) as hash tables per length."""
+    by_length: dict[tuple[int, int], dict[int, Rule]] = {}
+    for net, rule in networks:
+        host_bits = net.max_prefixlen - net.prefixlen
+        table = by_length.setdefault((net.version, host_bits), {})
+        table.setdefault(int(net.network_address) >> host_bits, rule)
+    tables: dict[int, list[tuple[int, dict[int, Rule]]]] = {4: [], 6: []}
+    for (version, host_bits), table in sorted(by_length.items(), key=lambda kv: kv[0][1]):
+        tables[version].append((host_bits, table))
+    return tables
 
 
 def _expand_address(
