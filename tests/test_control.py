@@ -174,3 +174,13 @@ def test_a_store_that_stays_down_is_warned_about_without_a_flood(
         store.down = True
         c.decide("192.0.2.5", NOW)
         assert caplog.records[-1].getMessage().startswith("grant store unreachable")
+
+
+def test_grant_keeps_its_values_and_refuses_changes() -> None:
+    g = Grant("192.0.2.7", "alice", "example.org", "pop3", 10, 20)
+    assert (g.ip, g.user, g.domain, g.source) == ("192.0.2.7", "alice", "example.org", "pop3")
+    assert (g.opened_at, g.expires_at) == (10.0, 20.0)
+    assert isinstance(g.opened_at, float) and isinstance(g.expires_at, float)
+    with pytest.raises(AttributeError):
+        g.user = "mallory"  # type: ignore[misc]
+    assert g.replace(user="bob") == Grant("192.0.2.7", "bob", "example.org", "pop3", 10.0, 20.0)

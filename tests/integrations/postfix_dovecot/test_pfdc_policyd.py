@@ -93,6 +93,15 @@ def test_bind_failure_exits_111(tmp_path: Path) -> None:
     assert "cannot listen" in out.stderr
 
 
+def expect_answers(s: socket.socket, asks: list[tuple[str, bytes]]) -> None:
+    """Ask about each address in turn on one connection; each answer must be as given."""
+    f = s.makefile("rb")
+    for ip, want in asks:
+        s.sendall(format_request({"request": "smtpd_access_policy", "client_address": ip}))
+        assert f.readline() == b"action=" + want + b"\n"
+        assert f.readline() == b"\n"
+
+
 def test_tcp_policyd_answers_many_requests_per_connection(tmp_path: Path) -> None:
     port = testbed.free_port()
     store = f"sqlite://{tmp_path / 'g.db'}"
@@ -103,12 +112,7 @@ def test_tcp_policyd_answers_many_requests_per_connection(tmp_path: Path) -> Non
     try:
         testbed.wait_port("127.0.0.1", port)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            f = s.makefile("rb")
-            for ip, want in [("::1", b"OK"), ("127.0.0.2", b"DUNNO")] * 50:
-                s.sendall(format_request({"request": "smtpd_access_policy",
-                                          "client_address": ip}))
-                assert f.readline() == b"action=" + want + b"\n"
-                assert f.readline() == b"\n"
+            expect_answers(s, [("::1", b"OK"), ("127.0.0.2", b"DUNNO")] * 50)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -152,12 +156,7 @@ listen = ["127.0.0.1:{port}", "unix:{sock}"]
             with socket.socket(family) as s:
                 s.settimeout(10)
                 s.connect(address)
-                f = s.makefile("rb")
-                for ip, want in [("192.0.2.80", b"OK"), ("192.0.2.81", b"DUNNO")] * 2:
-                    s.sendall(format_request({"request": "smtpd_access_policy",
-                                              "client_address": ip}))
-                    assert f.readline() == b"action=" + want + b"\n"
-                    assert f.readline() == b"\n"
+                expect_answers(s, [("192.0.2.80", b"OK"), ("192.0.2.81", b"DUNNO")] * 2)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
