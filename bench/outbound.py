@@ -35,9 +35,9 @@ from pathlib import Path
 
 from relaygate.config import QueueSettings, Settings
 from relaygate.control import RelayControl
-from relaygate.mail.delivery import DeliveryWorker
+from relaygate.mail.delivery.routes import StaticResolver
+from relaygate.mail.delivery.worker import DeliveryWorker
 from relaygate.mail.queue import Queue, make_worker
-from relaygate.mail.routes import StaticResolver
 from relaygate.metrics import Metrics
 from relaygate.servers.base import Context
 from relaygate.stores.memory import MemoryStore

@@ -25,7 +25,7 @@ import click
 
 from relaygate.cli import settings_from
 from relaygate.config import Settings
-from relaygate.mail.dsn import original_headers
+from relaygate.mail.delivery.dsn import original_headers
 from relaygate.mail.queue import (
     ID_RE,
     CorruptEnvelope,
@@ -246,7 +246,7 @@ def run(ctx: click.Context, once: bool, grace: float | None) -> None:
     wait = grace if grace is not None else float(getattr(settings, "shutdown_grace", 30.0))
 
     async def main() -> None:
-        from relaygate.mail.delivery import DeliveryWorker
+        from relaygate.mail.delivery.worker import DeliveryWorker
 
         assert isinstance(worker, DeliveryWorker)
         if once:
@@ -286,6 +286,6 @@ def _directory(settings: Settings) -> Any:
     """The user directory when one exists (local bounces, postmaster), else None."""
     if not (settings.data_dir / "users.db").exists():
         return None
-    from relaygate.mail.users import open_directory
+    from relaygate.mail.accounts.db import open_directory
 
     return open_directory(settings)

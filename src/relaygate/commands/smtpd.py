@@ -102,7 +102,7 @@ def _open_parts(settings: Any) -> tuple[Any, Any]:
     log = logging.getLogger("relaygate.smtp")
     directory = queue = None
     try:
-        from relaygate.mail.users import open_directory
+        from relaygate.mail.accounts.db import open_directory
     except ImportError:
         log.warning("no user database module: local mailboxes and AUTH are unavailable")
     else:
@@ -127,7 +127,7 @@ def _context(settings: Any, *, control: Any = None) -> Any:
 
 
 async def _run_listeners(settings: Any) -> int:
-    from relaygate.servers.smtp import make_services
+    from relaygate.servers.smtp.service import make_services
 
     ctx = _context(settings)
     services = make_services(ctx)
@@ -158,7 +158,7 @@ def _run_stdio(settings: Any, *, use_store: bool, environ: dict[str, str]) -> in
     from relaygate.control import RelayControl
     from relaygate.decision import Decision, Verdict
     from relaygate.errors import InvalidAddress
-    from relaygate.servers.smtp import serve_stdio
+    from relaygate.servers.smtp.service import serve_stdio
     from relaygate.stores.memory import MemoryStore
 
     log = logging.getLogger("relaygate.smtp")

@@ -1,7 +1,7 @@
 """The account directory interface: who has a mailbox, and who may log in.
 
 The SMTP server asks it for local recipients and SMTP AUTH; POP3 and IMAP ask
-it to authenticate. ``relaygate.mail.users`` is the real implementation
+it to authenticate. ``relaygate.mail.accounts.db`` is the real implementation
 (SQLite, argon2id); tests may use :class:`StaticDirectory`.
 """
 

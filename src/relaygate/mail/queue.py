@@ -5,7 +5,7 @@ Theory of operation
 RFC 5321 section 6.1: once an SMTP server has answered 250 to the end of DATA
 it has taken responsibility for the message and must deliver it or report the
 failure; it must not lose it, even in a crash. This module is that promise on
-disk; :mod:`relaygate.mail.delivery` is the worker that keeps it.
+disk; :mod:`relaygate.mail.delivery.worker` is the worker that keeps it.
 
 On-disk format (``settings.data_dir / "queue"``, every directory mode 0700)::
 
@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING, Any
 from relaygate.errors import RelaygateError
 
 if TYPE_CHECKING:
-    from relaygate.mail.routes import Resolver
+    from relaygate.mail.delivery.routes import Resolver
     from relaygate.servers.base import Context, Service
 
 log = logging.getLogger("relaygate.queue")
@@ -541,8 +541,8 @@ def make_worker(ctx: Context, *, resolver: Resolver | None = None) -> Service:
     ``ctx.queue`` is created (``settings.data_dir / "queue"``) when missing.
     ``resolver`` replaces DNS (tests); default: dnspython with the system's resolv.conf.
     """
-    from relaygate.mail.delivery import DeliveryWorker
-    from relaygate.mail.routes import Routes
+    from relaygate.mail.delivery.routes import Routes
+    from relaygate.mail.delivery.worker import DeliveryWorker
 
     routes = Routes.from_settings(ctx.settings)
     if ctx.queue is None:

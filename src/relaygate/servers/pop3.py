@@ -107,7 +107,7 @@ class Pop3Service:
         self.settings = ctx.settings
         directory = ctx.directory
         if directory is None:
-            from relaygate.mail.users import open_directory
+            from relaygate.mail.accounts.db import open_directory
 
             directory = ctx.directory = open_directory(ctx.settings)
         self.directory: Directory = directory
@@ -372,7 +372,7 @@ class Pop3Service:
     # -- events ----------------------------------------------------------------
 
     async def _authenticate(self, session: _Session, ev: Login | ApopLogin) -> LoginResult:
-        from relaygate.mail.users import UserDB
+        from relaygate.mail.accounts.db import UserDB
 
         ip = session.ip or "unix"
         d: Any = self.directory

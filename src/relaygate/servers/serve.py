@@ -111,11 +111,11 @@ def _tls(s: Settings) -> bool:
 #: so it is ready before SMTP accepts mail; it is stopped last)
 PARTS: tuple[Part, ...] = (
     Part("queue", "relaygate.mail.queue:make_worker", lambda s: True),
-    Part("smtp", "relaygate.servers.smtp:make_services",
+    Part("smtp", "relaygate.servers.smtp.service:make_services",
          lambda s: bool(s.smtp.listen or s.smtp.submission or (_tls(s) and s.smtp.smtps))),
     Part("pop3", "relaygate.servers.pop3:make_service",
          lambda s: bool(s.pop3.listen or (_tls(s) and s.pop3.listen_tls))),
-    Part("imap", "relaygate.servers.imap:make_service",
+    Part("imap", "relaygate.servers.imap.service:make_service",
          lambda s: bool(s.imap.listen or (_tls(s) and s.imap.listen_tls))),
     Part("policy", "relaygate.servers.policy:make_service", lambda s: bool(s.policy.listen)),
 )
@@ -134,7 +134,7 @@ def default_factories(settings: Settings) -> list[tuple[str, Factory]]:
 
 
 def default_directory(settings: Settings) -> Any:
-    open_directory = _import("relaygate.mail.users:open_directory")
+    open_directory = _import("relaygate.mail.accounts.db:open_directory")
     return open_directory(settings)
 
 

@@ -5,7 +5,7 @@ Theory of operation
 aiosmtpd speaks the protocol (RFC 5321, ESMTP SIZE RFC 1870, 8BITMIME
 RFC 6152, STARTTLS RFC 3207, AUTH RFC 4954); :class:`RelaySMTP` is a thin
 subclass that adds what a public server needs and aiosmtpd leaves out, and
-:class:`relaygate.servers.smtp_handler.RelayHandler` makes every decision.
+:class:`relaygate.servers.smtp.handler.RelayHandler` makes every decision.
 The subclass:
 
 - parses MAIL/RCPT paths with relaygate's strict RFC 5321 parser instead of
@@ -54,7 +54,7 @@ from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import split_path
 from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
-from relaygate.servers.smtp_handler import (
+from relaygate.servers.smtp.handler import (
     ClientState,
     RelayEnvelope,
     RelayHandler,

@@ -17,7 +17,7 @@ from typing import Any
 
 from relaygate.mail.queue import Queue
 
-from .test_queue_helpers import Sink, message, wait_until
+from ..test_queue_helpers import Sink, message, wait_until
 
 N_MESSAGES = 5
 

@@ -28,7 +28,7 @@ from relaygate.mail.directory import Account, StaticDirectory
 from relaygate.metrics import Metrics
 from relaygate.rules import RuleSet
 from relaygate.servers.base import Context
-from relaygate.servers.smtp import SmtpService, make_services
+from relaygate.servers.smtp.service import SmtpService, make_services
 from relaygate.stores.memory import MemoryStore
 
 LOCAL = "example.org"

@@ -19,7 +19,7 @@ from test_imap import CRLF_MESSAGE, LF_MESSAGE, PASSWORD, Harness
 
 from conftest import have_ipv6_loopback, need_program
 from relaygate.mail.maildir import deliver
-from relaygate.servers.imap import to_crlf
+from relaygate.servers.imap.service import to_crlf
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_imapd_command_end_to_end(tmp_path: Path) -> None:
 
     from conftest import free_port, wait_port
     from relaygate.config import AuthSettings
-    from relaygate.mail.users import UserDB
+    from relaygate.mail.accounts.db import UserDB
     from relaygate.stores.sqlite import SqliteStore
 
     data = tmp_path / "data"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from relaygate.cli import main
 from relaygate.config import AuthSettings
-from relaygate.mail.users import UserDB
+from relaygate.mail.accounts.db import UserDB
 
 
 def run(data: Path, *args: str, input: str | None = None) -> tuple[int, str]:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relaygate.mail.delivery import DeliveryWorker, address_problem
+from relaygate.mail.delivery.routes import StaticResolver
+from relaygate.mail.delivery.worker import DeliveryWorker, address_problem
 from relaygate.mail.directory import StaticDirectory
 from relaygate.mail.queue import make_worker
-from relaygate.mail.routes import StaticResolver
 
-from .test_queue_helpers import (
+from ..test_queue_helpers import (
     Sink,
     add_account,
     dsn_fields,

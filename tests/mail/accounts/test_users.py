@@ -15,9 +15,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from relaygate.config import AuthSettings
-from relaygate.mail.directory import Directory
-from relaygate.mail.throttle import Throttle
-from relaygate.mail.users import (
+from relaygate.mail.accounts.db import (
     NoSuchUser,
     UserDB,
     UserDBError,
@@ -27,6 +25,8 @@ from relaygate.mail.users import (
     open_directory,
     production_hasher,
 )
+from relaygate.mail.accounts.throttle import Throttle
+from relaygate.mail.directory import Directory
 
 #: argon2id with tiny parameters: the tests check behaviour, not cost
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -348,7 +348,7 @@ def test_rfc1939_apop_example_digest() -> None:
 
 def test_changes_by_another_process_are_seen(db: UserDB, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import relaygate.mail.users as users
+    import relaygate.mail.accounts.db as users
 
     monkeypatch.setattr(users, "RELOAD_CHECK_INTERVAL", 0.0)
     other = make_db(tmp_path)  # a second connection, as the CLI would have

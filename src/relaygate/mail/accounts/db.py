@@ -32,7 +32,7 @@ file (crypt(3) ``$6$``, ``$5$``, ``$2a$/$2b$/$2y$``, ``$1$``, or argon2) are
 verified with libpass and replaced by an argon2id hash at the next successful
 login, as are argon2 hashes with parameters other than the current ones.
 
-Login rules (:meth:`UserDB.authenticate`): see :mod:`relaygate.mail.throttle`
+Login rules (:meth:`UserDB.authenticate`): see :mod:`relaygate.mail.accounts.throttle`
 for the per-address and per-account lockout. A throttled attempt is refused
 without checking the password. An unknown login is checked against a dummy
 hash with the same parameters, so it costs what a known one costs, and every
@@ -70,9 +70,9 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from relaygate.errors import RelaygateError
 from relaygate.log import event
+from relaygate.mail.accounts.throttle import Throttle
 from relaygate.mail.directory import Account, LoginResult
 from relaygate.mail.maildir import ensure_maildir
-from relaygate.mail.throttle import Throttle
 
 if TYPE_CHECKING:
     from relaygate.config import AuthSettings, Settings

@@ -18,7 +18,7 @@ import dns.rrset
 import pytest
 
 from relaygate.errors import ConfigError
-from relaygate.mail.routes import (
+from relaygate.mail.delivery.routes import (
     MAX_TARGETS,
     DnsError,
     DnsPythonResolver,
@@ -31,7 +31,7 @@ from relaygate.mail.routes import (
     resolve_targets,
 )
 
-from .test_queue_helpers import make_settings
+from ..test_queue_helpers import make_settings
 
 # -- smtproutes -----------------------------------------------------------------
 

@@ -124,7 +124,7 @@ def test_relayed_mail_lands_in_the_real_queue(tmp_path: Path) -> None:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    from relaygate.mail.users import open_directory
+    from relaygate.mail.accounts.db import open_directory
 
     d = tmp_path / "data"
     d.mkdir()

@@ -1,4 +1,4 @@
-"""IMAP server (relaygate.servers.imap): logins open windows, raw bytes, limits, TLS.
+"""IMAP server (relaygate.servers.imap.service): logins open windows, raw bytes, limits, TLS.
 
 Every test runs the real service on loopback in a background thread (its own
 asyncio loop, as in ``relaygate imapd``) and talks to it with imaplib or raw
@@ -31,8 +31,8 @@ from relaygate.grants import Grant
 from relaygate.mail.directory import Account, LoginResult, StaticDirectory
 from relaygate.mail.maildir import deliver, ensure_maildir
 from relaygate.metrics import Metrics
-from relaygate.servers import imap as imap_mod
 from relaygate.servers.base import Context, Listen
+from relaygate.servers.imap import service as imap_mod
 from relaygate.stores.memory import MemoryStore
 
 PASSWORD = "correct horse battery"
@@ -349,7 +349,7 @@ def test_userdb_throttling_integration(tmp_path: Path) -> None:
     """The real user database: after failures, the right password is refused, no window."""
     from argon2 import PasswordHasher
 
-    from relaygate.mail.users import UserDB
+    from relaygate.mail.accounts.db import UserDB
 
     auth = AuthSettings(throttle_failures=2, throttle_window=60, throttle_lockout=60,
                         failure_delay=0.01)

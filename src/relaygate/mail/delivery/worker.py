@@ -25,7 +25,7 @@ Per recipient (RFC 5321 section 4.2.1 reply classes):
   is over it fails with status 5.4.7 and the last error as diagnostic.
 * 5xx, null MX (RFC 7505, 556 5.1.10), NXDOMAIN: ``failed`` now.
 
-Failed recipients get one DSN (RFC 3464, :mod:`relaygate.mail.dsn`) per
+Failed recipients get one DSN (RFC 3464, :mod:`relaygate.mail.delivery.dsn`) per
 message and run, sent with the null sender: into the sender's Maildir when the
 sender's domain is local and the directory knows the account, otherwise queued
 for remote delivery. A message with the null sender is never bounced (RFC 5321
@@ -44,7 +44,7 @@ SMTPUTF8 at the next hop; without it, a non-ASCII domain with an ASCII local
 part is sent in its A-label form (the same address), anything else fails with
 553 5.6.7 (RFC 6533). Addresses longer than RFC 5321 section 4.5.3.1 allows
 (64-octet local part, 256-octet path) fail with 553 5.1.3 before connecting.
-Candidate hosts (see :mod:`relaygate.mail.routes`) are tried in order until
+Candidate hosts (see :mod:`relaygate.mail.delivery.routes`) are tried in order until
 one completes a greeting and EHLO. Connections are cached for
 ``CACHE_IDLE`` seconds after a transaction and reused for the next message to
 the same destination (as Postfix's connection cache does), with RSET between
@@ -69,7 +69,16 @@ import aiosmtplib
 
 from relaygate.log import event
 from relaygate.mail import maildir
-from relaygate.mail.dsn import DsnRecipient, build_dsn, enhanced_status, one_line
+from relaygate.mail.delivery.dsn import DsnRecipient, build_dsn, enhanced_status, one_line
+from relaygate.mail.delivery.routes import (
+    SMTP_PORT,
+    DnsPythonResolver,
+    Resolver,
+    Routes,
+    RoutingError,
+    Target,
+    resolve_targets,
+)
 from relaygate.mail.queue import (
     DONE,
     FAILED,
@@ -81,15 +90,6 @@ from relaygate.mail.queue import (
     Recipient,
 )
 from relaygate.mail.rcpthosts import RcptHosts
-from relaygate.mail.routes import (
-    SMTP_PORT,
-    DnsPythonResolver,
-    Resolver,
-    Routes,
-    RoutingError,
-    Target,
-    resolve_targets,
-)
 from relaygate.protocols.smtp_address import canonical_address
 
 if TYPE_CHECKING:

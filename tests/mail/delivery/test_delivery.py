@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from relaygate.mail.delivery import DeliveryWorker
+from relaygate.mail.delivery.routes import StaticResolver
+from relaygate.mail.delivery.worker import DeliveryWorker
 from relaygate.mail.directory import StaticDirectory
 from relaygate.mail.queue import make_worker
-from relaygate.mail.routes import StaticResolver
 
-from .test_queue_helpers import (
+from ..test_queue_helpers import (
     Sink,
     add_account,
     dsn_fields,
@@ -244,7 +244,7 @@ async def test_mx_routing_through_stub_resolver(tmp_path: Path, sink: Sink) -> N
 
 
 async def test_dns_temporary_failure_defers(tmp_path: Path) -> None:
-    from relaygate.mail.routes import DnsError
+    from relaygate.mail.delivery.routes import DnsError
 
     ctx = make_ctx(make_settings(tmp_path, retry_schedule=(3600.0,)))
     resolver = StaticResolver(failures={

@@ -7,7 +7,7 @@ import email.policy
 
 import pytest
 
-from relaygate.mail.dsn import (
+from relaygate.mail.delivery.dsn import (
     MAX_DIAGNOSTIC,
     DsnRecipient,
     build_dsn,

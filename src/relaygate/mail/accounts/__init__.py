@@ -1,0 +1,1 @@
+"""Mail accounts: the user database (:mod:`.db`) and login throttling (:mod:`.throttle`)."""
