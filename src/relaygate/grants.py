@@ -46,6 +46,13 @@ class Grant:
         _SET_OPENED_AT(self, float(opened_at))
         _SET_EXPIRES_AT(self, float(expires_at))
 
+    @classmethod
+    def opening(cls, ip: str, user: str | None, domain: str | None, source: str, now: float,
+                ttl: float) -> Grant:
+        """The window a login (or a chain program, the CLI...) opens at ``now`` for ``ttl``
+        seconds; ``ip`` must already be canonical."""
+        return cls(ip, user, domain, source, now, now + ttl)
+
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Grant is immutable")
 

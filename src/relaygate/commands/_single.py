@@ -27,6 +27,7 @@ async def run_login_service(prog: str, settings: Any, make_service: Callable[[An
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
     from relaygate.servers.base import Context
+    from relaygate.servers.listeners import reload_certificate
 
     setup_logging(settings.log_format, settings.log_level)
     try:
@@ -37,7 +38,8 @@ async def run_login_service(prog: str, settings: Any, make_service: Callable[[An
         return EXIT_TEMPFAIL
     try:
         try:
-            service = make_service(Context(settings, control, Metrics(), directory))
+            ctx = Context(settings, control, Metrics(), directory)
+            service = make_service(ctx)
         except ConfigError as exc:
             click.echo(f"relaygate {prog}: configuration error: {exc}", err=True)
             return EXIT_TEMPFAIL
@@ -53,6 +55,8 @@ async def run_login_service(prog: str, settings: Any, make_service: Callable[[An
 
         def reload() -> None:
             directory.reload()
+            if ctx.ssl_context is not None:
+                reload_certificate(ctx.ssl_context, settings)
             if callable(getattr(service, "reload", None)):
                 service.reload()
 

@@ -152,9 +152,8 @@ def record(opts: Mapping[str, Any], environ: Mapping[str, str]) -> str:
     from relaygate.stores import open_store
 
     store = open_store(store_url, expiry=expiry)
-    now = time.time()
     try:
-        store.put(Grant(ip, user, domain, "dovecot", now, now + expiry))
+        store.put(Grant.opening(ip, user, domain, "dovecot", time.time(), expiry))
     finally:
         store.close()
     return f"window.opened ip={ip} user={user or '-'} source=dovecot expiry={int(expiry)}"

@@ -7,6 +7,8 @@ it to authenticate. ``relaygate.mail.accounts.db`` is the real implementation
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,12 +43,15 @@ class LoginResult:
 
 
 class Directory(Protocol):
+    """Who has a mailbox and who may log in: what every server asks about accounts.
+
+    ``ip`` is the client address throttling counts failures under (canonical;
+    ``"unix"`` for a UNIX-socket client); ``service`` names the protocol in the
+    log lines (``pop3``, ``imap``, ``smtp``).
+    """
+
     def find_recipient(self, address: str) -> Account | None:
         """The account that receives mail for ``address`` (case-insensitive), or None."""
-        ...
-
-    async def authenticate(self, login: str, password: str, ip: str) -> LoginResult:
-        """Check a password (off the event loop), applying throttling for ``ip`` and ``login``."""
         ...
 
     def find_account(self, login: str) -> Account | None:
@@ -56,6 +61,22 @@ class Directory(Protocol):
         login that opened it, and MAIL FROM must be one of that account's addresses.
         """
         ...
+
+    async def authenticate(self, login: str, password: str, ip: str, *,
+                           service: str | None = None) -> LoginResult:
+        """Check a password (off the event loop), applying throttling for ``ip`` and ``login``."""
+        ...
+
+    async def authenticate_apop(self, login: str, timestamp: str, digest: str, ip: str, *,
+                                service: str | None = "pop3") -> LoginResult:
+        """RFC 1939 APOP: ``digest`` is MD5(``timestamp`` + the account's secret), hex."""
+        ...
+
+    def reload(self) -> None:
+        """SIGHUP: see changes made by other processes (``relaygate users``)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -78,8 +99,25 @@ class StaticDirectory:
                 return account
         return None
 
-    async def authenticate(self, login: str, password: str, ip: str) -> LoginResult:
+    async def authenticate(self, login: str, password: str, ip: str, *,
+                           service: str | None = None) -> LoginResult:
         entry = self.accounts.get(login.lower())
         if entry is None or entry[1] != password or not entry[0].enabled:
             return LoginResult(None)
         return LoginResult(entry[0])
+
+    async def authenticate_apop(self, login: str, timestamp: str, digest: str, ip: str, *,
+                                service: str | None = "pop3") -> LoginResult:
+        """APOP with the plaintext password as the shared secret."""
+        entry = self.accounts.get(login.lower())
+        if entry is None or not entry[0].enabled:
+            return LoginResult(None)
+        expected = hashlib.md5((timestamp + entry[1]).encode(), usedforsecurity=False).hexdigest()
+        ok = hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "replace"))
+        return LoginResult(entry[0] if ok else None)
+
+    def reload(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

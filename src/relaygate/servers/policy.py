@@ -92,7 +92,8 @@ from relaygate.protocols.policy import (
     format_answer,
     triage,
 )
-from relaygate.servers.base import Context, Listen, parse_listen
+from relaygate.servers.base import Context
+from relaygate.servers.listeners import LISTEN_BACKLOG, Listen, Listener, parse_listen
 from relaygate.stores.base import GrantStore
 from relaygate.stores.sqlite import _GET, MMAP_SIZE, SqliteStore, _grant
 
@@ -581,9 +582,8 @@ class PolicyService:
         #: what every connection reads into (module docstring)
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         self.connections: set[_PolicyConnection] = set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._listeners: list[Listener] = []
         self._unix_paths: list[tuple[str, int, int]] = []
-        self._bound: list[str] = []
         self._sweeper: asyncio.TimerHandle | None = None
 
     def queue_output(self, conn: _PolicyConnection) -> None:
@@ -628,32 +628,21 @@ class PolicyService:
             inc(n)
 
     def listeners(self) -> list[str]:
-        return [f"policy {b}" for b in (self._bound or [str(x) for x in self.listens])]
+        bound = [addr for listener in self._listeners for addr in listener.addresses]
+        return [f"policy {b}" for b in (bound or [str(x) for x in self.listens])]
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             for listen in self.listens:
-                if listen.path is not None:
-                    sock = self._unix_socket(listen.path)
-                    server = await loop.create_unix_server(
-                        lambda: _PolicyConnection(self), sock=sock)
-                    self._bound.append(str(listen))
-                else:
-                    server = await loop.create_server(
-                        lambda: _PolicyConnection(self), listen.host, listen.port or 0,
-                        reuse_address=True)
-                    for s in server.sockets:
-                        addr = s.getsockname()
-                        host = addr[0]
-                        self._bound.append(f"[{host}]:{addr[1]}" if ":" in host
-                                           else f"{host}:{addr[1]}")
-                self._servers.append(server)
+                listener = Listener("policy", listen)
+                self._listeners.append(listener)
+                sock = self._unix_socket(listen.path) if listen.path is not None else None
+                await listener.bind(lambda: _PolicyConnection(self), sock=sock)
         except BaseException:
             await self.stop(0)
             raise
-        for b in self._bound:
-            log.info("policy service listening on %s", b)
+        for listener in self._listeners:
+            log.info("policy service listening on %s", listener)
         self._sweep()
 
     def _sweep(self) -> None:
@@ -686,15 +675,15 @@ class PolicyService:
             os.chown(path, -1, self.socket_gid)
         st = os.stat(path)
         self._unix_paths.append((path, st.st_dev, st.st_ino))
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         return sock
 
     async def stop(self, grace: float = 30.0) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for path, dev, ino in self._unix_paths:
             # Remove only the socket we made (another instance may have replaced it).
             with contextlib.suppress(OSError):
@@ -709,10 +698,9 @@ class PolicyService:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.close()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
-        self._servers.clear()
+        for listener in self._listeners:
+            await listener.wait_closed(1.0)
+        self._listeners.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.decider is not None:
             self.decider.close()

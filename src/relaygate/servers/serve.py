@@ -11,7 +11,7 @@ Start-up follows qmail's "do as little as possible as root":
    ``relaygate.lock`` with ``flock`` (held for the process's life, so a second
    serve on the same data directory is refused with the first one's pid);
 3. load the TLS certificate into ONE ``ssl.SSLContext``
-   (``ctx.extra["ssl_context"]``), which every TLS listener shares, so a
+   (``ctx.ssl_context``), which every TLS listener shares, so a
    SIGHUP reload reaches them all;
 4. with the *effective* uid/gid of the service user, open the grant store,
    the user directory and the queue, and build the services, so every file
@@ -62,7 +62,13 @@ from relaygate.log import event, setup_logging
 from relaygate.metrics import Metrics
 from relaygate.rules import RuleSet
 from relaygate.runtime import build_control
-from relaygate.servers.base import Context, Service, parse_listen
+from relaygate.servers.base import Context, Service
+from relaygate.servers.listeners import (
+    parse_listen,
+    reload_certificate,
+    resolves_to_loopback,
+    server_tls_context,
+)
 from relaygate.status import (
     LOCK_FILE,
     STATUS_INTERVAL,
@@ -162,7 +168,8 @@ def _trial_listeners_only(settings: Settings) -> bool:
     for name, specs in listener_settings(settings):
         for spec in specs:
             listen = parse_listen(spec, origin=name)
-            if not listen.loopback or (listen.port is not None and listen.port < 1024):
+            if not resolves_to_loopback(listen) or (listen.port is not None
+                                                    and listen.port < 1024):
                 return False
     return True
 
@@ -314,7 +321,7 @@ class Server:
         self._target = resolve_target(s)
         self.first_run = self._prepare_data_dir()
         self._lock()
-        self.ssl_context = self._load_tls()
+        self.ssl_context = server_tls_context(s)
         self._preload()
 
     def _preload(self) -> None:
@@ -381,19 +388,6 @@ class Server:
             os.fchown(fd, self._target.uid, self._target.gid)
         self._lock_fd = fd
 
-    def _load_tls(self) -> ssl.SSLContext | None:
-        tls = self.settings.tls
-        if tls.cert is None or tls.key is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(tls.cert, tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS certificate and key ({exc})",
-                              source="tls.cert", value=str(tls.cert)) from None
-        return context
-
     @contextlib.contextmanager
     def _as_service_user(self) -> Iterator[None]:
         """Run the block with the service user's effective ids (files it creates are theirs)."""
@@ -417,9 +411,7 @@ class Server:
         metrics = Metrics()
         directory = self._open_directory(s)
         queue = self._open_queue(s)
-        return Context(s, control, metrics, directory, queue,
-                       extra={"ssl_context": self.ssl_context, "errors": self.errors,
-                              "started_at": time.time()})
+        return Context(s, control, metrics, directory, queue, ssl_context=self.ssl_context)
 
     def _probe_store(self, store: Any) -> None:
         """One read at start: creates an SQLite file as the service user, reports Redis down."""
@@ -598,14 +590,8 @@ class Server:
             else:
                 ctx.control.rules = rules
                 done.append("rules")
-        if self.ssl_context is not None and s.tls.cert is not None and s.tls.key is not None:
-            try:
-                self.ssl_context.load_cert_chain(s.tls.cert, s.tls.key)
-            except (OSError, ssl.SSLError) as exc:
-                log.error("reload: keeping the old TLS certificate: cannot load %s: %s",
-                          s.tls.cert, exc)
-            else:
-                done.append("tls")
+        if self.ssl_context is not None and reload_certificate(self.ssl_context, s):
+            done.append("tls")
         targets: list[tuple[str, Any]] = [("users", ctx.directory)]
         targets += [(svc.name, svc) for svc in self.services]
         for name, obj in targets:

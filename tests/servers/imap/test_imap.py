@@ -31,19 +31,11 @@ from relaygate.grants import Grant
 from relaygate.mail.directory import Account, LoginResult, StaticDirectory
 from relaygate.mail.maildir import deliver, ensure_maildir
 from relaygate.metrics import Metrics
-from relaygate.servers.base import Context, Listen
+from relaygate.servers.base import Context
 from relaygate.servers.imap import service as imap_mod
 from relaygate.stores.memory import MemoryStore
 
 PASSWORD = "correct horse battery"
-
-
-class PublicListen(Listen):
-    """A loopback listener the server must treat as public (no plaintext logins)."""
-
-    @property
-    def loopback(self) -> bool:
-        return False
 
 
 class ErrorCollector(logging.Handler):
@@ -84,8 +76,7 @@ class Harness:
             tls=TlsSettings(*tls) if tls else TlsSettings())
         self.ctx = Context(self.settings, self.control, self.metrics, directory)
         self.service = imap_mod.make_service(self.ctx)
-        if public:
-            self.service.plain = [PublicListen(x.host, x.port) for x in self.service.plain]
+        self.public = public
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.errors = ErrorCollector()
@@ -96,6 +87,11 @@ class Harness:
         self.loop.set_exception_handler(lambda loop, c: self.loop_errors.append(c))
         self.thread.start()
         self.call(self.service.start())
+        if self.public:
+            # loopback listeners the server must treat as public (no plaintext logins)
+            for listener in self.service._listeners:
+                if listener.kind == "imap":
+                    listener.loopback = False
         ports = self.service.bound_ports()
         n_plain = len(self.service.plain)
         self.ports = ports[:n_plain]
@@ -323,8 +319,9 @@ def test_second_authenticate_is_refused(harness: Harness) -> None:
 class ThrottledDirectory(StaticDirectory):
     """Says "throttled" for every login, right password or not."""
 
-    async def authenticate(self, login: str, password: str, ip: str) -> LoginResult:
-        result = await super().authenticate(login, password, ip)
+    async def authenticate(self, login: str, password: str, ip: str, *,
+                           service: str | None = None) -> LoginResult:
+        result = await super().authenticate(login, password, ip, service=service)
         return LoginResult(result.account, throttled=True)
 
 
@@ -395,6 +392,26 @@ def test_store_error_does_not_fail_login(tmp_path: Path) -> None:
         h.stop()
     # the StoreError is logged as a warning, not an error
     h.assert_clean()
+
+
+class BuggyStore(MemoryStore):
+    def put(self, grant: Grant) -> None:
+        raise RuntimeError("a bug in the store")
+
+
+def test_store_bug_does_not_fail_login(tmp_path: Path) -> None:
+    """Not only a StoreError: whatever the store raises, the login stands (POP3 and IMAP
+    share one policy, servers/listeners.py open_window_after_login)."""
+    h = Harness(tmp_path, store=BuggyStore()).start()
+    try:
+        c = BoundIMAP("127.0.0.1", h.port, "127.0.0.2")
+        typ, _ = c.login("alice", PASSWORD)
+        assert typ == "OK"
+        assert c.select("INBOX")[0] == "OK"
+        assert h.count("windows", "failed") == 1
+        c.logout()
+    finally:
+        h.stop()
 
 
 def test_idle_session_refreshes_window(tmp_path: Path) -> None:

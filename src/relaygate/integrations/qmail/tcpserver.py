@@ -600,7 +600,7 @@ class TcpServer:
     def _decide(self, env: dict[str, str], ip: str) -> None:
         assert self.control is not None
         try:
-            decision = self.control.decide(ip)
+            decision = self.control.decide_canonical(ip)  # parsed once, in environment()
         except Exception as exc:  # a store bug must not take the listener down
             why = repr(exc)[:MAX_LOGGED]
             self.log(1, f"warning: not relaying for {ip}: relay check failed: {why}")

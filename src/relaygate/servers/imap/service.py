@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import re
@@ -123,13 +122,21 @@ from pysasl import SASLAuth
 from pysasl.creds.server import ServerCredentials
 from pysasl.exception import MechanismUnusable
 
-from relaygate.addresses import parse_ip
-from relaygate.errors import ConfigError, InvalidAddress, StoreError
+from relaygate.errors import ConfigError
 from relaygate.log import event
 from relaygate.mail.directory import Account, LoginResult
 from relaygate.mail.mailbox import delivery_order
 from relaygate.mail.maildir import deliver, ensure_maildir
-from relaygate.servers.base import LISTEN_BACKLOG, Context, Listen, parse_listen
+from relaygate.servers.base import Context
+from relaygate.servers.listeners import (
+    TLS_HANDSHAKE_TIMEOUT,
+    Listen,
+    Listener,
+    open_window_after_login,
+    parse_listen,
+    peer_address,
+    tls_context_of,
+)
 
 log = logging.getLogger("relaygate.imap")
 
@@ -157,8 +164,6 @@ MAX_SESSION_COMMANDS = 1_000_000
 #: the window is refreshed this many times per expiry while a session lives, so
 #: one lost refresh (store briefly down) still leaves the window open
 REFRESH_PER_EXPIRY = 3
-#: seconds a TLS handshake may take (implicit TLS and STARTTLS)
-TLS_HANDSHAKE_TIMEOUT = 30.0
 #: longest Maildir++ directory name in octets: "A/B/C" is stored as ".A.B.C",
 #: one directory entry, and file systems stop at 255
 MAX_FOLDER_NAME = 255
@@ -664,7 +669,7 @@ class _ConnInfo:
 
     ip: str | None
     peer: str
-    listener: Listen
+    listener: Listener
     tls: bool
     plaintext_ok: bool
     authenticated: bool = False
@@ -1014,56 +1019,20 @@ class ImapService:
         self.directory = ctx.directory
         s = ctx.settings
         self.plain = [parse_listen(x, origin="imap.listen") for x in s.imap.listen]
-        self._own_context = False
         self.implicit = ([parse_listen(x, origin="imap.listen_tls") for x in s.imap.listen_tls]
                          if s.tls.cert is not None else [])
-        self.ssl_context = self._ssl_context()
+        self.ssl_context = tls_context_of(ctx)
         self.config = _Config(self, self.ssl_context)
         self.tokens = AllTokens(self.config)
         self.commands = self.config.commands
-        self._servers: list[asyncio.Server] = []
-        self._bound: list[str] = []
+        self._listeners: list[Listener] = []
         #: live connections: their task and their stream (to abort at stop)
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._refreshers: set[asyncio.Task[None]] = set()
-        try:
-            params = inspect.signature(self.directory.authenticate).parameters
-        except (TypeError, ValueError):
-            params = {}  # type: ignore[assignment]
-        self._auth_kwargs: dict[str, Any] = {"service": "imap"} if "service" in params else {}
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        s = self.settings
-        if s.tls.cert is None or s.tls.key is None:
-            return None
-        shared = self.ctx.extra.get("ssl_context")
-        if isinstance(shared, ssl.SSLContext):
-            return shared  # ``serve`` shares one context and reloads it on SIGHUP
-        self._own_context = True
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(s.tls.cert, s.tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS certificate: {exc}",
-                              source=str(s.tls.cert)) from None
-        return context
-
-    def reload(self) -> None:
-        """SIGHUP: re-read the certificate (new handshakes use it); keep the old one on error."""
-        s = self.settings
-        if not self._own_context or self.ssl_context is None or s.tls.cert is None \
-                or s.tls.key is None:
-            return
-        try:
-            self.ssl_context.load_cert_chain(s.tls.cert, s.tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            log.error("IMAP: keeping the old TLS certificate: cannot load %s: %s",
-                      s.tls.cert, exc)
 
     def listeners(self) -> list[str]:
-        if self._bound:
-            return list(self._bound)
+        if self._listeners:
+            return [f"{lst.kind} {addr}" for lst in self._listeners for addr in lst.addresses]
         return ([f"imap {x}" for x in self.plain] + [f"imaps {x}" for x in self.implicit])
 
     # lifecycle
@@ -1071,11 +1040,6 @@ class ImapService:
     async def start(self) -> None:
         if not self.plain and not self.implicit:
             return
-        if self.ssl_context is None and not self.settings.auth.allow_plaintext:
-            for listen in self.plain:
-                if not listen.loopback:
-                    log.warning("IMAP listener %s has no TLS and is not loopback: logins are "
-                                "refused there (LOGINDISABLED)", listen)
         try:
             for listen in self.plain:
                 await self._listen(listen, implicit_tls=False)
@@ -1084,42 +1048,26 @@ class ImapService:
         except BaseException:
             await self.stop(0)
             raise
+        if self.ssl_context is None and not self.settings.auth.allow_plaintext:
+            for listener in self._listeners:
+                if not listener.loopback:
+                    log.warning("IMAP listener %s has no TLS and is not loopback: logins are "
+                                "refused there (LOGINDISABLED)", listener)
 
     async def _listen(self, listen: Listen, *, implicit_tls: bool) -> None:
-        cb = partial(self._accept, listen, implicit_tls)
-        tls = self.ssl_context if implicit_tls else None
-        extra: dict[str, Any] = {"backlog": LISTEN_BACKLOG}
-        if tls is not None:
-            extra.update(ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        if listen.path is not None:
-            server = await asyncio.start_unix_server(cb, listen.path, limit=MAX_LINE, **extra)
-        else:
-            server = await asyncio.start_server(cb, listen.host, listen.port, limit=MAX_LINE,
-                                                reuse_address=True, **extra)
-        self._servers.append(server)
-        kind = "imaps" if implicit_tls else "imap"
-        for sock in server.sockets:
-            addr = sock.getsockname()
-            if isinstance(addr, tuple):
-                host, port = addr[0], addr[1]
-                self._bound.append(f"{kind} [{host}]:{port}" if ":" in host
-                                   else f"{kind} {host}:{port}")
-            else:
-                self._bound.append(f"{kind} unix:{addr}")
+        listener = Listener("imaps" if implicit_tls else "imap", listen)
+        self._listeners.append(listener)
+        await listener.bind_streams(partial(self._accept, listener, implicit_tls),
+                                    tls=self.ssl_context if implicit_tls else None,
+                                    limit=MAX_LINE)
 
     def bound_ports(self) -> list[int]:
         """TCP ports actually bound (useful with port 0), in listener order."""
-        ports: list[int] = []
-        for server in self._servers:
-            for sock in server.sockets:
-                addr = sock.getsockname()
-                if isinstance(addr, tuple):
-                    ports.append(int(addr[1]))
-        return ports
+        return [port for listener in self._listeners for port in listener.ports()]
 
     async def stop(self, grace: float = 30.0) -> None:
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         # IMAP sessions live for hours: tell them BYE now (pymap answers a
         # cancelled read with "BYE [UNAVAILABLE]") and wait for them to go.
         tasks = list(self._tasks)
@@ -1135,30 +1083,23 @@ class ImapService:
                 await asyncio.wait(pending, timeout=1.0)
         for task in list(self._refreshers):
             task.cancel()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
-        self._servers.clear()
+        for listener in self._listeners:
+            await listener.wait_closed(1.0)
+        self._listeners.clear()
 
     # connections
 
-    async def _accept(self, listen: Listen, implicit_tls: bool,
+    async def _accept(self, listener: Listener, implicit_tls: bool,
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = writer
         gauge = self.ctx.metrics.connections.labels("imap")
         gauge.inc()
-        peer = writer.get_extra_info("peername")
-        ip: str | None = None
-        if isinstance(peer, tuple):
-            try:
-                ip = parse_ip(str(peer[0]))
-            except InvalidAddress:
-                ip = None
+        ip = peer_address(writer)
         conn = _ConnInfo(
-            ip=ip, peer=ip or "local", listener=listen, tls=implicit_tls,
-            plaintext_ok=(implicit_tls or listen.loopback
+            ip=ip, peer=ip or "local", listener=listener, tls=implicit_tls,
+            plaintext_ok=(implicit_tls or listener.loopback
                           or self.settings.auth.allow_plaintext))
         try:
             sock_info = SocketInfo.get(writer, None, unique_id=uuid.uuid4().bytes)
@@ -1189,7 +1130,7 @@ class ImapService:
         logins = self.ctx.metrics.logins
         try:
             result = await self.directory.authenticate(login, password, conn.ip or "",
-                                                       **self._auth_kwargs)
+                                                       service="imap")
         except Exception:
             log.exception("user directory failed during an IMAP login from %s", conn.peer)
             logins.labels("imap", "error").inc()
@@ -1210,41 +1151,17 @@ class ImapService:
               tls="yes" if conn.tls else "no")
         if conn.ip is None:
             return  # a UNIX-socket client has no address to open a window for
-        await self._open_window(account, conn.ip, "opened")
+        await open_window_after_login(self.ctx, conn.ip, account, "imap")
         interval = self.ctx.control.expiry / REFRESH_PER_EXPIRY
         task = asyncio.create_task(self._refresh(account, conn.ip, interval))
         conn.refresher = task
         self._refreshers.add(task)
         task.add_done_callback(self._refreshers.discard)
 
-    async def _open_window(self, account: Account, ip: str, what: str) -> None:
-        try:
-            grant = await asyncio.to_thread(self.ctx.control.open_window, ip,
-                                            user=account.login, domain=account.domain,
-                                            source="imap")
-        except StoreError as exc:
-            # The login stands; relaying fails closed until the store is back.
-            log.warning("IMAP login of %s from %s: cannot record the relay window: %s",
-                        account.login, ip, exc)
-            self.ctx.metrics.windows.labels("failed").inc()
-            return
-        self.ctx.metrics.windows.labels(what).inc()
-        # ``expires``: the window's length in seconds, as POP3 logs it
-        expires = int(grant.expires_at - grant.opened_at)
-        if what == "opened":
-            event("window.opened", ip=grant.ip, user=account.login, domain=account.domain,
-                  source="imap", expires=expires)
-        else:
-            event("window.refreshed", level=logging.DEBUG, ip=grant.ip, user=account.login,
-                  source="imap", expires=expires)
-
     async def _refresh(self, account: Account, ip: str, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self._open_window(account, ip, "refreshed")
-            except Exception:
-                log.exception("IMAP window refresh for %s failed", ip)
+            await open_window_after_login(self.ctx, ip, account, "imap", refresh=True)
 
     async def _stop_refresh(self, conn: _ConnInfo) -> None:
         task = conn.refresher

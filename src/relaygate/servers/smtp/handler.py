@@ -364,7 +364,8 @@ class RelayHandler:
         elif state.ip is None:
             decision = Decision(Verdict.DENY, "client has no IP address (UNIX socket)", "none")
         else:
-            decision = await asyncio.to_thread(self.ctx.control.decide, state.ip)
+            # state.ip is canonical (parsed once, when the connection was accepted)
+            decision = await asyncio.to_thread(self.ctx.control.decide_canonical, state.ip)
         before = state.decision
         if before is None or (before.verdict, before.kind, before.user) != (
                 decision.verdict, decision.kind, decision.user):

@@ -49,11 +49,16 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, syntax
 
-from relaygate.addresses import parse_ip
-from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import split_path
-from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
+from relaygate.servers.listeners import (
+    AddressLimiter,
+    Listen,
+    Listener,
+    parse_listen,
+    peer_address,
+    tls_context_of,
+)
 from relaygate.servers.smtp.handler import (
     ClientState,
     RelayEnvelope,
@@ -76,32 +81,6 @@ SIZE_PARAMETER_EXTRA = 26
 PUMP_CHUNK = 65536
 #: how often stop() looks for sessions that finished their transaction
 STOP_POLL = 0.05
-
-
-class ConnectionLimiter:
-    """Open connections per client address, shared by every SMTP listener."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.counts: dict[str, int] = {}
-
-    def acquire(self, ip: str | None) -> bool:
-        if ip is None:
-            return True
-        n = self.counts.get(ip, 0)
-        if n >= self.limit:
-            return False
-        self.counts[ip] = n + 1
-        return True
-
-    def release(self, ip: str | None) -> None:
-        if ip is None:
-            return
-        n = self.counts.get(ip, 0) - 1
-        if n > 0:
-            self.counts[ip] = n
-        else:
-            self.counts.pop(ip, None)
 
 
 @dataclass(frozen=True)
@@ -173,13 +152,7 @@ class RelaySMTP(SMTP):
     def _client_ip(self, transport: asyncio.BaseTransport) -> str | None:
         if self._info.use_override:
             return self._info.ip_override
-        peer = transport.get_extra_info("peername")
-        if not isinstance(peer, tuple) or not peer:
-            return None  # a UNIX socket
-        try:
-            return parse_ip(str(peer[0]))
-        except InvalidAddress:
-            return None
+        return peer_address(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -324,7 +297,7 @@ class SmtpService:
 
     def __init__(self, name: str, ctx: Context, handler: RelayHandler,
                  listens: list[Listen], *, tls_context: ssl.SSLContext | None,
-                 implicit_tls: bool = False, limiter: ConnectionLimiter | None = None) -> None:
+                 implicit_tls: bool = False, limiter: AddressLimiter | None = None) -> None:
         self.name = name
         self.ctx = ctx
         self.handler = handler
@@ -332,13 +305,17 @@ class SmtpService:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         s = ctx.settings.smtp
-        self.limiter = limiter or ConnectionLimiter(s.max_connections_per_ip)
-        self.servers: list[asyncio.Server] = []
-        self.bound: list[str] = []
+        self.limiter = limiter or AddressLimiter(s.max_connections_per_ip)
+        self._listeners: list[Listener] = []
         self.sessions: set[RelaySMTP] = set()
         self._started = False
         #: called when the last session closes (``serve_stdio`` waits on it)
         self.on_empty: Callable[[], None] | None = None
+
+    @property
+    def bound(self) -> list[str]:
+        """The addresses bound, as shown (``127.0.0.1:2525``, ``[::1]:2525``, ``unix:PATH``)."""
+        return [addr for listener in self._listeners for addr in listener.addresses]
 
     def listeners(self) -> list[str]:
         shown = self.bound or [str(x) for x in self.listens]
@@ -365,36 +342,27 @@ class SmtpService:
             enable_SMTPUTF8=False, decode_data=False,
             loop=asyncio.get_running_loop())
 
-    def _factory(self, listen: Listen) -> Callable[[], RelaySMTP]:
-        info = ListenerInfo(self.name, self.plaintext_auth(listen.loopback), self.implicit_tls)
-        return lambda: self.make_protocol(info)
+    def _factory(self, listener: Listener) -> Callable[[], RelaySMTP]:
+        def make() -> RelaySMTP:
+            # listener.loopback is known: accepting starts once the bound addresses are seen
+            info = ListenerInfo(self.name, self.plaintext_auth(listener.loopback),
+                                self.implicit_tls)
+            return self.make_protocol(info)
+
+        return make
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         tls = self.tls_context if self.implicit_tls else None
+        self._listeners = []
         try:
             for listen in self.listens:
-                factory = self._factory(listen)
-                if listen.path is not None:
-                    server = await loop.create_unix_server(factory, listen.path, ssl=tls,
-                                                           backlog=LISTEN_BACKLOG)
-                    self.bound.append(f"unix:{listen.path}")
-                else:
-                    # ":PORT" means every address, IPv4 and IPv6.
-                    host = None if listen.host == "::" else listen.host
-                    assert listen.port is not None
-                    server = await loop.create_server(factory, host, listen.port, ssl=tls,
-                                                      reuse_address=True,
-                                                      backlog=LISTEN_BACKLOG)
-                    for sock in server.sockets:
-                        addr = sock.getsockname()
-                        h = str(addr[0])
-                        self.bound.append(f"[{h}]:{addr[1]}" if ":" in h else f"{h}:{addr[1]}")
-                self.servers.append(server)
+                listener = Listener(self.name, listen)
+                self._listeners.append(listener)
+                await listener.bind(self._factory(listener), tls=tls)
         except BaseException:
-            for server in self.servers:
-                server.close()
-            self.servers.clear()
+            for listener in self._listeners:
+                listener.close()
+            self._listeners.clear()
             raise
         self.handler.retain()
         self._started = True
@@ -413,8 +381,8 @@ class SmtpService:
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; idle sessions get 421, open transactions up to ``grace`` seconds."""
-        for server in self.servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.sessions:
@@ -428,10 +396,8 @@ class SmtpService:
         for proto in list(self.sessions):
             proto.shutdown("Service shutting down, transaction aborted")
             self.closed(proto)
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
-        self.servers.clear()
+        for listener in self._listeners:
+            await listener.wait_closed(1.0)
         if self._started:
             self._started = False
             self.handler.release()
@@ -441,28 +407,12 @@ class SmtpService:
         self.handler.reload()
 
 
-def tls_context(ctx: Context) -> ssl.SSLContext | None:
-    """The shared server context from ``serve``, else one built from ``tls.cert``/``tls.key``."""
-    shared = ctx.extra.get("ssl_context")
-    if isinstance(shared, ssl.SSLContext):
-        return shared
-    t = ctx.settings.tls
-    if t.cert is None or t.key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(t.cert, t.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate ({exc})", source=str(t.cert)) from None
-    return context
-
-
 def make_services(ctx: Context) -> list[Service]:
     """smtp, submission and (with a certificate) smtps services from ``ctx.settings``."""
     s = ctx.settings
     handler = RelayHandler(ctx, RcptHosts.from_settings(s))
-    limiter = ConnectionLimiter(s.smtp.max_connections_per_ip)
-    tls = tls_context(ctx)
+    limiter = AddressLimiter(s.smtp.max_connections_per_ip)
+    tls = tls_context_of(ctx)
     out: list[Service] = []
     kinds = (("smtp", "smtp.listen", s.smtp.listen, False),
              ("submission", "smtp.submission", s.smtp.submission, False),
@@ -487,8 +437,8 @@ async def serve_stdio(ctx: Context, *, remote_ip: str | None, fixed: Decision | 
     ``fixed`` replaces RelayControl for this session (None: ask it).
     """
     handler = RelayHandler(ctx, RcptHosts.from_settings(ctx.settings))
-    service = SmtpService("smtp-stdio", ctx, handler, [], tls_context=tls_context(ctx),
-                          limiter=ConnectionLimiter(1))
+    service = SmtpService("smtp-stdio", ctx, handler, [], tls_context=tls_context_of(ctx),
+                          limiter=AddressLimiter(1))
     info = ListenerInfo(service.name, service.plaintext_auth(local_loopback),
                         ip_override=remote_ip, use_override=True, fixed=fixed)
     loop = asyncio.get_running_loop()
