@@ -170,9 +170,9 @@ class Server:
 def serve(proto_name: str, data: Path, port: int) -> None:
     """--serve: the service with the tiny hasher (the CLI always uses production)."""
     from relaygate.config import load_settings
+    from relaygate.context import Context
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
 
     settings = load_settings(cli={"data_dir": str(data), f"{proto_name}.listen": [
         f"127.0.0.1:{port}"], "log_level": "warning"},

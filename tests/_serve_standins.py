@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Settings
+from relaygate.context import Context
 from relaygate.mail.directory import StaticDirectory
-from relaygate.servers.base import Context
 
 
 class LineService:

@@ -18,12 +18,13 @@ import pytest
 import trustme
 
 from relaygate.config import ImapSettings, Pop3Settings, Settings, SmtpSettings, TlsSettings
+from relaygate.context import Context
 from relaygate.control import RelayControl
 from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
-from relaygate.mail.directory import Account, StaticDirectory
+from relaygate.interfaces import Account
+from relaygate.mail.directory import StaticDirectory
 from relaygate.metrics import Metrics
-from relaygate.servers.base import Context
 from relaygate.servers.listeners import (
     AddressLimiter,
     Listen,

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from relaygate.config import PolicySettings, Settings
+from relaygate.context import Context
 from relaygate.control import RelayControl
 from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
 from relaygate.metrics import Metrics
 from relaygate.protocols.policy import MAX_ATTRIBUTES, MAX_LINE_LENGTH, format_request
-from relaygate.servers.base import Context
 from relaygate.servers.policy import PolicyService, make_service
 from relaygate.stores.memory import MemoryStore
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from relaygate.config import PolicySettings, Settings
+from relaygate.context import Context
 from relaygate.control import RelayControl
 from relaygate.decision import Decision
 from relaygate.errors import StoreError
@@ -26,7 +27,6 @@ from relaygate.protocols.policy import (
     format_request,
 )
 from relaygate.rules import RuleSet
-from relaygate.servers.base import Context
 from relaygate.servers.policy import INLINE_BUSY_TIMEOUT, PolicyService, make_service
 from relaygate.stores.base import GrantStore
 from relaygate.stores.memory import MemoryStore

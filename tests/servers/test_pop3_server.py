@@ -33,7 +33,7 @@ from pop3_harness import (
 from conftest import have_ipv6_loopback
 from relaygate.config import AuthSettings
 from relaygate.errors import ConfigError
-from relaygate.mail.directory import LoginResult
+from relaygate.interfaces import LoginResult
 from relaygate.mail.maildir import deliver
 from relaygate.servers.listeners import Listen
 
@@ -517,10 +517,10 @@ def test_plaintext_policy_of_listeners(tmp_path: Path) -> None:
     """No non-loopback traffic here: check the decision itself (the listener's loopback
     flag is what binding decides from the bound address, see servers/listeners.py)."""
     from relaygate.config import Settings
+    from relaygate.context import Context
     from relaygate.control import RelayControl
     from relaygate.mail.directory import StaticDirectory
     from relaygate.metrics import Metrics
-    from relaygate.servers.base import Context
     from relaygate.servers.listeners import Listener, loopback_sockname
     from relaygate.servers.pop3 import Pop3Service
     from relaygate.stores.memory import MemoryStore

@@ -21,12 +21,12 @@ from relaygate.cli import EXIT_TEMPFAIL
 
 
 async def run_login_service(prog: str, settings: Any, make_service: Callable[[Any], Any]) -> int:
+    from relaygate.context import Context
     from relaygate.errors import ConfigError
     from relaygate.log import setup_logging
     from relaygate.mail.accounts.db import UserDBError, open_directory
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
     from relaygate.servers.listeners import reload_certificate
 
     setup_logging(settings.log_format, settings.log_level)

@@ -66,10 +66,10 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
     if not settings.policy.listen:
         settings = settings.replace(
             policy=dataclasses.replace(settings.policy, listen=("127.0.0.1:10040",)))
+    from relaygate.context import Context
     from relaygate.log import setup_logging
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
     from relaygate.servers.policy import make_service
 
     setup_logging(settings.log_format, settings.log_level)

@@ -29,6 +29,7 @@ import click
 
 from relaygate.cli import settings_from
 from relaygate.config import Settings
+from relaygate.log import duration
 from relaygate.mail.delivery.dsn import original_headers
 from relaygate.mail.queue import (
     ID_RE,
@@ -53,17 +54,6 @@ def _qid(value: str) -> str:
     if not ID_RE.fullmatch(v):
         raise click.BadParameter(f"not a queue id: {value!r} (24 hex digits, see `queue list`)")
     return v
-
-
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
 
 
 def _env_dict(env: Envelope, now: float, held: bool = False) -> dict[str, Any]:
@@ -149,13 +139,13 @@ def list_(ctx: click.Context, as_json: bool, quarantine: bool) -> None:
         first = pending[0].addr if pending else item.recipients[0].addr
         more = len(pending) - 1 if pending else len(item.recipients) - 1
         rcpts = first + (f" (+{more})" if more > 0 else "")
-        nxt = "now" if item.next_attempt <= now else f"in {_age(item.next_attempt - now)}"
+        nxt = "now" if item.next_attempt <= now else f"in {duration(item.next_attempt - now)}"
         if not pending:
             nxt = "bounce"
         if held:
             nxt = "held"
         err = " ".join((item.last_error or "-").split())
-        rows.append((item.id, item.sender or "<>", rcpts, _age(now - item.created),
+        rows.append((item.id, item.sender or "<>", rcpts, duration(now - item.created),
                      str(item.attempts), nxt, err))
     _table(rows)
     if len(rows) == 1:
@@ -180,7 +170,8 @@ def _list_quarantine(q: Queue, now: float, as_json: bool) -> None:
         return
     rows: list[tuple[str, ...]] = [("NAME", "KIND", "AGE", "SIZE", "REASON")]
     for i in items:
-        rows.append((i.name, i.kind, _age(now - i.when), str(i.size), " ".join(i.reason.split())))
+        rows.append((i.name, i.kind, duration(now - i.when), str(i.size),
+                     " ".join(i.reason.split())))
     _table(rows)
     if not items:
         click.echo("(quarantine is empty)", err=True)
@@ -228,7 +219,7 @@ def show(ctx: click.Context, queue_id: str, as_json: bool) -> None:
         return
     click.echo(f"id:           {env.id}")
     click.echo(f"sender:       <{env.sender}>")
-    click.echo(f"arrived:      {_fmt(env.created)} ({_age(now - env.created)} ago)")
+    click.echo(f"arrived:      {_fmt(env.created)} ({duration(now - env.created)} ago)")
     click.echo(f"size:         {env.size}")
     click.echo(f"attempts:     {env.attempts}")
     click.echo(f"next attempt: {_fmt(env.next_attempt)}")
@@ -411,10 +402,10 @@ def run(ctx: click.Context, once: bool, grace: float | None) -> None:
     Only one worker can run per queue directory: this fails with exit 111 while
     `relaygate serve` (or another `queue run`) is delivering from it.
     """
+    from relaygate.context import Context
     from relaygate.log import setup_logging
-    from relaygate.mail.queue import make_worker
+    from relaygate.mail.delivery.worker import make_worker
     from relaygate.metrics import Metrics
-    from relaygate.servers.base import Context
 
     settings = settings_from(ctx)
     setup_logging(settings.log_format, settings.log_level)

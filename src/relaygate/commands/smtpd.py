@@ -117,9 +117,9 @@ def _open_parts(settings: Any) -> tuple[Any, Any]:
 
 
 def _context(settings: Any, *, control: Any = None) -> Any:
+    from relaygate.context import Context
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
 
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory, queue = _open_parts(settings)

@@ -24,8 +24,8 @@ import click
 from relaygate.cli import EXIT_TEMPFAIL, settings_from
 
 if TYPE_CHECKING:
+    from relaygate.interfaces import Account
     from relaygate.mail.accounts.db import UserDB
-    from relaygate.mail.directory import Account
 
 
 @contextmanager

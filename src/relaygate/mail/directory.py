@@ -1,8 +1,7 @@
-"""The account directory interface: who has a mailbox, and who may log in.
+"""An in-memory :class:`~relaygate.interfaces.Directory` with plaintext passwords.
 
-The SMTP server asks it for local recipients and SMTP AUTH; POP3 and IMAP ask
-it to authenticate. ``relaygate.mail.accounts.db`` is the real implementation
-(SQLite, argon2id); tests may use :class:`StaticDirectory`.
+For tests and examples only; ``relaygate.mail.accounts.db.UserDB`` is the real
+directory (SQLite, argon2id, throttling).
 """
 
 from __future__ import annotations
@@ -10,73 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
-
-@dataclass(frozen=True)
-class Account:
-    """A mailbox owner."""
-
-    login: str
-    domain: str
-    maildir: Path
-    #: addresses this account may send as (sender binding); the primary one first
-    addresses: tuple[str, ...] = ()
-    enabled: bool = True
-
-    @property
-    def primary_address(self) -> str:
-        if self.addresses:
-            return self.addresses[0]
-        return self.login if "@" in self.login else f"{self.login}@{self.domain}"
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    account: Account | None
-    throttled: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.account is not None and not self.throttled
-
-
-class Directory(Protocol):
-    """Who has a mailbox and who may log in: what every server asks about accounts.
-
-    ``ip`` is the client address throttling counts failures under (canonical;
-    ``"unix"`` for a UNIX-socket client); ``service`` names the protocol in the
-    log lines (``pop3``, ``imap``, ``smtp``).
-    """
-
-    def find_recipient(self, address: str) -> Account | None:
-        """The account that receives mail for ``address`` (case-insensitive), or None."""
-        ...
-
-    def find_account(self, login: str) -> Account | None:
-        """The account whose login is ``login`` (case-insensitive), or None.
-
-        The SMTP server uses it for sender binding: a relay window names the
-        login that opened it, and MAIL FROM must be one of that account's addresses.
-        """
-        ...
-
-    async def authenticate(self, login: str, password: str, ip: str, *,
-                           service: str | None = None) -> LoginResult:
-        """Check a password (off the event loop), applying throttling for ``ip`` and ``login``."""
-        ...
-
-    async def authenticate_apop(self, login: str, timestamp: str, digest: str, ip: str, *,
-                                service: str | None = "pop3") -> LoginResult:
-        """RFC 1939 APOP: ``digest`` is MD5(``timestamp`` + the account's secret), hex."""
-        ...
-
-    def reload(self) -> None:
-        """SIGHUP: see changes made by other processes (``relaygate users``)."""
-        ...
-
-    def close(self) -> None: ...
+from relaygate.interfaces import Account, LoginResult
 
 
 @dataclass

@@ -81,13 +81,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from relaygate.errors import RelaygateError
-
-if TYPE_CHECKING:
-    from relaygate.mail.delivery.routes import Resolver
-    from relaygate.servers.base import Context, Service
 
 log = logging.getLogger("relaygate.queue")
 
@@ -745,19 +741,3 @@ def _check_id(qid: str) -> None:
     # Ids come from the command line too: never let one name a path outside the queue.
     if not isinstance(qid, str) or not ID_RE.fullmatch(qid):
         raise QueueError(f"not a queue id: {qid!r}")
-
-
-def make_worker(ctx: Context, *, resolver: Resolver | None = None) -> Service:
-    """The delivery worker service for ``ctx`` (name "queue", no listeners).
-
-    smtproutes are parsed here, so a bad line stops start-up with a ConfigError.
-    ``ctx.queue`` is created (``settings.data_dir / "queue"``) when missing.
-    ``resolver`` replaces DNS (tests); default: dnspython with the system's resolv.conf.
-    """
-    from relaygate.mail.delivery.routes import Routes
-    from relaygate.mail.delivery.worker import DeliveryWorker
-
-    routes = Routes.from_settings(ctx.settings)
-    if ctx.queue is None:
-        ctx.queue = Queue(ctx.settings.data_dir / "queue")
-    return DeliveryWorker(ctx, queue=ctx.queue, routes=routes, resolver=resolver)

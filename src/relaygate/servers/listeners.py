@@ -45,8 +45,8 @@ from relaygate.log import event
 
 if TYPE_CHECKING:
     from relaygate.config import Settings
-    from relaygate.mail.directory import Account
-    from relaygate.servers.base import Context
+    from relaygate.context import Context
+    from relaygate.interfaces import Account
 
 log = logging.getLogger("relaygate.listeners")
 

@@ -54,6 +54,9 @@ class MetricsService:
         await listener.bind_streams(self._handle, limit=MAX_REQUEST_HEAD)
         self._listener = listener
 
+    def reload(self) -> None:
+        """Nothing of its own to re-read."""
+
     async def stop(self, grace: float = 30.0) -> None:
         if self._listener is None:
             return

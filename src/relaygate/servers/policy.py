@@ -20,7 +20,7 @@ a complete request is triaged, and when it needs a relay decision,
   after a crash, or holding the database in exclusive locking mode) are
   bounded by a connection of the service's own with a busy timeout of
   :data:`INLINE_BUSY_TIMEOUT` (20 ms, instead of the store's 5 s; see
-  :class:`_SqliteReader`). A lookup that fails on the loop, lock or anything
+  :class:`~relaygate.stores.sqlite.SqliteReader`). A lookup that fails on the loop, lock or anything
   else, is not answered there: it goes to the thread path below, which asks
   the store itself with its full busy timeout and fails closed (DUNNO plus a
   warning) if the store still fails. So the loop stalls for at most
@@ -49,7 +49,7 @@ and back within one callback, and the reader copies what it keeps.
 
 No answer is ever cached: every request asks the store (the SQLite lookups
 made in one loop iteration share one read transaction, see
-:class:`_SqliteReader`), so a revoked window stops relaying from the next
+:class:`~relaygate.stores.sqlite.SqliteReader`), so a revoked window stops relaying from the next
 loop iteration on, and an expired one at once (the lookup compares with the
 current time).
 
@@ -72,12 +72,11 @@ import grp
 import logging
 import os
 import socket
-import sqlite3
 import stat
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from relaygate.context import Context
 from relaygate.control import RelayControl
 from relaygate.decision import Decision, Verdict
 from relaygate.errors import ConfigError, StoreError
@@ -92,10 +91,9 @@ from relaygate.protocols.policy import (
     format_answer,
     triage,
 )
-from relaygate.servers.base import Context
 from relaygate.servers.listeners import LISTEN_BACKLOG, Listen, Listener, parse_listen
 from relaygate.stores.base import GrantStore
-from relaygate.stores.sqlite import _GET, MMAP_SIZE, SqliteStore, _grant
+from relaygate.stores.sqlite import SqliteReader, SqliteStore
 
 log = logging.getLogger("relaygate.policy")
 
@@ -382,78 +380,6 @@ class _HandOff(Exception):
     """The store failed on the event loop: ask again from the thread path."""
 
 
-class _SqliteReader:
-    """Grant lookups in an SQLite store from the event loop (module docstring).
-
-    Its own connection, with the store's own query and row mapping (so the two
-    cannot disagree), a busy timeout of :data:`INLINE_BUSY_TIMEOUT` and
-    ``query_only`` set: it never writes. It opens the file without creating it
-    (``mode=rw``) and only if it is in WAL mode, the mode the store sets on
-    its first connection: otherwise (a new database, a reader that could wait
-    for a writer) the lookup fails here and the thread path's store creates
-    or converts the database with its own modes and locks.
-
-    The lookups made in one iteration of the event loop (the requests read
-    together) share one read transaction, ended by a ``call_soon`` before the
-    loop waits again: SQLite takes its file locks once per iteration instead
-    of once per lookup (two fcntl(2) and an fstat(2) each, measured with
-    strace). Nothing is remembered between iterations: a window revoked
-    meanwhile is seen from the next iteration on, and an idle loop holds no
-    transaction (so no checkpoint waits for it).
-    """
-
-    kind = "sqlite"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.conn: sqlite3.Connection | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
-        conn = sqlite3.connect(uri, uri=True, timeout=INLINE_BUSY_TIMEOUT,
-                               isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA query_only = 1")
-            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            mode = conn.execute("PRAGMA journal_mode").fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise sqlite3.OperationalError(f"not in WAL mode ({mode})")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def get(self, ip: str, now: float) -> Grant | None:
-        # ``ip`` comes from RelayControl.decide, canonical already.
-        try:
-            conn = self.conn
-            if conn is None:
-                conn = self.conn = self._connect()
-            if not conn.in_transaction:
-                # The end is scheduled first: no transaction can outlive this iteration.
-                asyncio.get_running_loop().call_soon(self._end)
-                conn.execute("BEGIN")
-            row = conn.execute(_GET, (ip, now)).fetchone()
-        except (sqlite3.Error, OSError) as exc:
-            self.close()  # a broken connection is not reused
-            raise StoreError(f"sqlite {self.path}: cannot read grant for {ip}: {exc}") from None
-        return None if row is None else _grant(row)
-
-    def _end(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.in_transaction:
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error:
-                self.close()
-
-    def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-
 class _LoopStore:
     """The store as the event loop sees it: ``lookup`` for ``get``, and a
     StoreError there becomes :class:`_HandOff`, so a lookup that fails on the
@@ -495,7 +421,7 @@ class _LoopStore:
 class _LoopDecider:
     """Relay decisions made on the event loop, for the local stores (module docstring).
 
-    SQLite is read through a :class:`_SqliteReader`; a memory store is asked
+    SQLite is read through a :class:`~relaygate.stores.sqlite.SqliteReader`; a memory store is asked
     directly. The rules are always the service's current ones (``relaygate
     serve`` reloads them).
     """
@@ -503,10 +429,13 @@ class _LoopDecider:
     def __init__(self, control: RelayControl) -> None:
         self.control = control
         store = control.store
-        self.reader: _SqliteReader | None = None
+        self.reader: SqliteReader | None = None
         lookup = store.get
         if isinstance(store, SqliteStore):
-            self.reader = _SqliteReader(store.path)
+            # one read transaction per loop iteration (see SqliteReader)
+            self.reader = SqliteReader(
+                store.path, busy_timeout=INLINE_BUSY_TIMEOUT,
+                end_soon=lambda end: asyncio.get_running_loop().call_soon(end))
             lookup = self.reader.get
         self.local = RelayControl(_LoopStore(lookup, store), control.rules,
                                   expiry=control.expiry, relayclient=control.relayclient)
@@ -677,6 +606,9 @@ class PolicyService:
         self._unix_paths.append((path, st.st_dev, st.st_ino))
         sock.listen(LISTEN_BACKLOG)
         return sock
+
+    def reload(self) -> None:
+        """SIGHUP: nothing of its own (the runner reloads the rules every decision uses)."""
 
     async def stop(self, grace: float = 30.0) -> None:
         if self._sweeper is not None:

@@ -80,8 +80,8 @@ from relaygate.servers.listeners import (
 )
 
 if TYPE_CHECKING:
-    from relaygate.mail.directory import Directory, LoginResult
-    from relaygate.servers.base import Context
+    from relaygate.context import Context
+    from relaygate.interfaces import Directory, LoginResult
 
 log = logging.getLogger("relaygate.pop3")
 
@@ -162,6 +162,9 @@ class Pop3Service:
         except BaseException:
             await self.stop(0)
             raise
+
+    def reload(self) -> None:
+        """SIGHUP: nothing of its own (the runner reloads the users and the certificate)."""
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; cut idle sessions now, let busy ones finish up to ``grace``."""

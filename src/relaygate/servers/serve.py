@@ -57,12 +57,13 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Settings
+from relaygate.context import Context
 from relaygate.errors import ConfigError, RelaygateError, StoreError
+from relaygate.interfaces import Service
 from relaygate.log import event, setup_logging
 from relaygate.metrics import Metrics
 from relaygate.rules import RuleSet
 from relaygate.runtime import build_control
-from relaygate.servers.base import Context, Service
 from relaygate.servers.listeners import (
     parse_listen,
     reload_certificate,
@@ -116,7 +117,7 @@ def _tls(s: Settings) -> bool:
 #: the services of ``relaygate serve``, in start order (the queue worker first,
 #: so it is ready before SMTP accepts mail; it is stopped last)
 PARTS: tuple[Part, ...] = (
-    Part("queue", "relaygate.mail.queue:make_worker", lambda s: True),
+    Part("queue", "relaygate.mail.delivery.worker:make_worker", lambda s: True),
     Part("smtp", "relaygate.servers.smtp.service:make_services",
          lambda s: bool(s.smtp.listen or s.smtp.submission or (_tls(s) and s.smtp.smtps))),
     Part("pop3", "relaygate.servers.pop3:make_service",

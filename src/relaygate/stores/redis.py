@@ -53,7 +53,7 @@ from redis.retry import Retry
 from relaygate.addresses import require_canonical
 from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
-from relaygate.stores import redact_url
+from relaygate.stores.urls import redact_url
 
 DEFAULT_PREFIX = "relaygate:grant:"
 

@@ -15,6 +15,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from relaygate.config import AuthSettings
+from relaygate.interfaces import Directory
 from relaygate.mail.accounts.db import (
     NoSuchUser,
     UserDB,
@@ -26,7 +27,6 @@ from relaygate.mail.accounts.db import (
     production_hasher,
 )
 from relaygate.mail.accounts.throttle import Throttle
-from relaygate.mail.directory import Directory
 
 #: argon2id with tiny parameters: the tests check behaviour, not cost
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from relaygate.mail.delivery.routes import StaticResolver
-from relaygate.mail.delivery.worker import DeliveryWorker
+from relaygate.mail.delivery.worker import DeliveryWorker, make_worker
 from relaygate.mail.directory import StaticDirectory
-from relaygate.mail.queue import make_worker
 
 from ..test_queue_helpers import (
     Sink,

@@ -10,9 +10,9 @@ import pytest
 import trustme
 
 from relaygate.mail.delivery.routes import StaticResolver
-from relaygate.mail.delivery.worker import DeliveryWorker, address_problem
+from relaygate.mail.delivery.smtp_client import address_problem
+from relaygate.mail.delivery.worker import DeliveryWorker, make_worker
 from relaygate.mail.directory import StaticDirectory
-from relaygate.mail.queue import make_worker
 
 from ..test_queue_helpers import (
     Sink,

@@ -25,13 +25,16 @@ import pytest
 
 from conftest import have_ipv6_loopback
 from relaygate.config import AuthSettings, ImapSettings, Settings, TlsSettings
+from relaygate.context import Context
 from relaygate.control import RelayControl
 from relaygate.errors import StoreError
 from relaygate.grants import Grant
-from relaygate.mail.directory import Account, LoginResult, StaticDirectory
+from relaygate.interfaces import Account, LoginResult
+from relaygate.mail.directory import StaticDirectory
 from relaygate.mail.maildir import deliver, ensure_maildir
 from relaygate.metrics import Metrics
-from relaygate.servers.base import Context
+from relaygate.servers.imap import backend as imap_backend
+from relaygate.servers.imap import connection as imap_conn
 from relaygate.servers.imap import service as imap_mod
 from relaygate.stores.memory import MemoryStore
 
@@ -214,9 +217,9 @@ def login(h: Harness, source: str = "127.0.0.2", host: str = "127.0.0.1") -> Bou
 
 
 def test_to_crlf() -> None:
-    assert imap_mod.to_crlf(b"a\nb\r\nc\n") == b"a\r\nb\r\nc\r\n"
-    assert imap_mod.to_crlf(b"no newline") == b"no newline"
-    assert imap_mod.to_crlf(b"\r\n\n\r") == b"\r\n\r\n\r"
+    assert imap_backend.to_crlf(b"a\nb\r\nc\n") == b"a\r\nb\r\nc\r\n"
+    assert imap_backend.to_crlf(b"no newline") == b"no newline"
+    assert imap_backend.to_crlf(b"\r\n\n\r") == b"\r\n\r\n\r"
 
 
 def test_make_service_needs_directory(tmp_path: Path) -> None:
@@ -478,7 +481,7 @@ def test_delivered_messages_have_exact_bytes_and_size(harness: Harness) -> None:
     deliver(box, b"Subject: no final newline\r\n\r\nlast")
     c = login(harness)
     assert c.select("INBOX") == ("OK", [b"3"])
-    expected = [imap_mod.to_crlf(LF_MESSAGE), CRLF_MESSAGE,
+    expected = [imap_backend.to_crlf(LF_MESSAGE), CRLF_MESSAGE,
                 b"Subject: no final newline\r\n\r\nlast"]
     for i, raw in enumerate(expected, 1):
         head, body = _fetch_one(c, str(i), "(RFC822.SIZE BODY.PEEK[])")
@@ -486,7 +489,7 @@ def test_delivered_messages_have_exact_bytes_and_size(harness: Harness) -> None:
         assert f"RFC822.SIZE {len(raw)} ".encode() in head
     # sections and structure come from the same bytes
     _, header = _fetch_one(c, "1", "(BODY.PEEK[HEADER])")
-    assert header == imap_mod.to_crlf(LF_MESSAGE).split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    assert header == imap_backend.to_crlf(LF_MESSAGE).split(b"\r\n\r\n")[0] + b"\r\n\r\n"
     _, text = _fetch_one(c, "1", "(BODY.PEEK[TEXT])")
     assert text == b"line one\r\nline two\r\n"
     envelope = _text(c.fetch("1", "(ENVELOPE)")[1])
@@ -556,7 +559,7 @@ def test_mailbox_operations_share_the_maildir(harness: Harness) -> None:
     assert any(p.name.endswith(":2,S") for p in files)
     assert c.select("Sent")[0] == "OK"
     _, body = _fetch_one(c, "1", "(BODY.PEEK[])")
-    assert body == imap_mod.to_crlf(LF_MESSAGE)
+    assert body == imap_backend.to_crlf(LF_MESSAGE)
     _, body = _fetch_one(c, "2", "(BODY.PEEK[])")
     assert body == appended
     # LIST / LSUB / STATUS / RENAME / DELETE
@@ -637,14 +640,14 @@ def test_idle_reports_new_mail(harness: Harness) -> None:
 def test_idle_sees_changes_after_the_folder_settled(harness: Harness,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """IDLE polls skip unchanged folders (settled stamps); changes still show."""
-    monkeypatch.setattr(imap_mod, "SIGNATURE_SETTLE_NS", 300_000_000)
+    monkeypatch.setattr(imap_backend, "SIGNATURE_SETTLE_NS", 300_000_000)
     deliver(harness.alice.maildir, LF_MESSAGE)
     r = Raw(harness.port)
     r.cmd(b"a", f'LOGIN alice "{PASSWORD}"'.encode())
     r.cmd(b"b", b"SELECT INBOX")
     r.send(b"c IDLE\r\n")
     assert r.line().startswith(b"+ ")
-    settle = imap_mod.SIGNATURE_SETTLE_NS / 1e9
+    settle = imap_backend.SIGNATURE_SETTLE_NS / 1e9
     time.sleep(settle + 1.5)  # now the polls find a trusted, unchanged stamp
     # another session flags the message: a rename inside cur/
     other = login(harness, "127.0.0.3")
@@ -757,7 +760,7 @@ def test_huge_literal_length_digits(harness: Harness) -> None:
 def test_line_too_long(harness: Harness) -> None:
     r = Raw(harness.port)
     try:
-        r.send(b"a NOOP " + b"x" * (imap_mod.MAX_LINE + 10) + b"\r\n")
+        r.send(b"a NOOP " + b"x" * (imap_conn.MAX_LINE + 10) + b"\r\n")
     except ConnectionError:
         pass
     reply = r.line()
@@ -794,7 +797,7 @@ def test_bad_command_budget_and_auth_failures(harness: Harness) -> None:
     assert rest.count(b" BAD ") == 5 and rest.endswith(b"* BYE Too many errors, disconnecting.\r\n")
     r.close()
     r = Raw(harness.port)
-    for i in range(imap_mod.MAX_AUTH_FAILURES):
+    for i in range(imap_conn.MAX_AUTH_FAILURES):
         assert r.cmd(b"l%d" % i, b'LOGIN alice "wrong"')[-1].startswith(b"l%d NO" % i)
     r.send(b"z NOOP\r\n")
     assert r.line().startswith(b"* BYE")
@@ -803,7 +806,7 @@ def test_bad_command_budget_and_auth_failures(harness: Harness) -> None:
 
 def test_preauth_command_limit(harness: Harness) -> None:
     r = Raw(harness.port)
-    for i in range(imap_mod.MAX_PREAUTH_COMMANDS):
+    for i in range(imap_conn.MAX_PREAUTH_COMMANDS):
         assert r.cmd(b"n%d" % i, b"NOOP")[-1].startswith(b"n%d OK" % i)
     r.send(b"last NOOP\r\n")
     assert r.line().startswith(b"* BYE")
@@ -916,3 +919,35 @@ def test_starttls_rejects_pipelined_plaintext(tmp_path: Path,
     finally:
         h.stop()
     h.assert_clean()
+
+
+def test_importing_the_server_changes_nothing_in_pymap(tmp_path: Path) -> None:
+    """pymap's defects are fixed by pymap_fixes.apply(), which the service calls when it
+    is built; importing relaygate's IMAP server (in a fresh interpreter) patches nothing."""
+    code = """
+import sys
+from pymap.backend.maildir.io import FileWriteable
+from pymap.mime import MessageBody
+before = (FileWriteable.file_write, MessageBody.__dict__["_find_parts"])
+import relaygate.servers.imap.service as service
+from relaygate.servers.imap import pymap_fixes
+assert (FileWriteable.file_write, MessageBody.__dict__["_find_parts"]) == before, "patched"
+assert not pymap_fixes.applied()
+from relaygate.config import Settings
+from relaygate.context import Context
+from relaygate.control import RelayControl
+from relaygate.mail.directory import StaticDirectory
+from relaygate.metrics import Metrics
+from relaygate.stores.memory import MemoryStore
+service.make_service(Context(Settings(data_dir=sys.argv[1]), RelayControl(MemoryStore()),
+                             Metrics(), StaticDirectory()))
+assert pymap_fixes.applied()
+assert FileWriteable.file_write is not before[0]
+assert MessageBody.__dict__["_find_parts"] is not before[1]
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -19,7 +19,7 @@ from test_imap import CRLF_MESSAGE, LF_MESSAGE, PASSWORD, Harness
 
 from conftest import have_ipv6_loopback, need_program
 from relaygate.mail.maildir import deliver
-from relaygate.servers.imap.service import to_crlf
+from relaygate.servers.imap.backend import to_crlf
 
 
 @pytest.fixture

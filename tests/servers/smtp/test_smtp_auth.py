@@ -20,7 +20,7 @@ from test_smtp_support import (
     tls_files,
 )
 
-from relaygate.mail.directory import LoginResult
+from relaygate.interfaces import LoginResult
 
 MSG = b"Subject: auth test\r\n\r\nhello\r\n"
 RELAY_DENIED = "553 5.7.1 sorry, that domain isn't in my list of allowed rcpthosts"

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import AuthSettings, Settings, SmtpSettings, TlsSettings
+from relaygate.context import Context
 from relaygate.control import RelayControl
-from relaygate.mail.directory import Account, StaticDirectory
+from relaygate.interfaces import Account
+from relaygate.mail.directory import StaticDirectory
 from relaygate.metrics import Metrics
 from relaygate.rules import RuleSet
-from relaygate.servers.base import Context
 from relaygate.servers.smtp.service import SmtpService, make_services
 from relaygate.stores.memory import MemoryStore
 

@@ -71,9 +71,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from relaygate.errors import RelaygateError
+from relaygate.interfaces import Account, LoginResult
 from relaygate.log import event
 from relaygate.mail.accounts.throttle import Attempt, Throttle
-from relaygate.mail.directory import Account, LoginResult
 from relaygate.mail.maildir import ensure_maildir
 
 if TYPE_CHECKING:

@@ -74,8 +74,8 @@ from relaygate.protocols.smtp_address import (
 )
 
 if TYPE_CHECKING:
-    from relaygate.mail.directory import Account
-    from relaygate.servers.base import Context
+    from relaygate.context import Context
+    from relaygate.interfaces import Account
 
 log = logging.getLogger("relaygate.smtp")
 
@@ -411,6 +411,7 @@ class RelayHandler:
         names: list[str] = []
         try:
             if envelope.relayed:
+                assert self.ctx.queue is not None  # RCPT relays only with a queue
                 queue_id = await self._disk(self.ctx.queue.enqueue, sender,
                                             list(envelope.relayed), data)
             if envelope.local:

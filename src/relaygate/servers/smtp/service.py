@@ -67,8 +67,9 @@ from relaygate.servers.smtp.handler import (
 )
 
 if TYPE_CHECKING:
+    from relaygate.context import Context
     from relaygate.decision import Decision
-    from relaygate.servers.base import Context, Service
+    from relaygate.interfaces import Service
 
 log = logging.getLogger("relaygate.smtp")
 
