@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relaygate.addresses import parse_ip
 from relaygate.errors import ConfigError, InvalidAddress
@@ -76,6 +76,10 @@ COMMAND_LINE_LIMIT = 512
 SIZE_PARAMETER_EXTRA = 26
 #: bytes moved per read by the --stdio pumps
 PUMP_CHUNK = 65536
+#: exceptions a client causes (not relaygate bugs): logged as one info line
+CLIENT_FAILURES: tuple[type[BaseException], ...] = (
+    TLSSetupException, ConnectionError, TimeoutError, ssl.SSLError,
+    asyncio.IncompleteReadError)
 #: bytes taken from the connection at a time during DATA
 DATA_READ_SIZE = 64 * 1024
 #: how often stop() looks for sessions that finished their transaction
@@ -265,10 +269,28 @@ class RelaySMTP(SMTP):
             if self._bad < self._bad_limit:
                 return
             why = "too many errors"
-        log.warning("ending session with %s: %s", self.client.shown_ip, why)
+        # The client's doing, handled: an info line, not one of the "last errors".
+        log.info("ending session with %s: %s", self.client.shown_ip, why)
         self._say(f"421 4.7.0 {self.hostname} {why}, closing connection")
         if self.transport is not None:
             self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A client's failure (TLS setup, reset, timeout) is an info line; ours go on.
+
+        Tracebacks are for relaygate's own bugs (the handler logs those); a client
+        that sends garbage after STARTTLS or goes away mid-command is not one.
+        """
+        if isinstance(error, CLIENT_FAILURES):
+            cause = error.__cause__ if isinstance(error, TLSSetupException) else error
+            what = "TLS handshake failed" if isinstance(error, TLSSetupException) \
+                else "connection failed"
+            log.info("%s with %s: %s", what, self.client.shown_ip, _describe(cause))
+            if self.transport is not None:
+                self.transport.close()
+            return "421 4.7.0 connection failed, closing"
+        status: str = await super().handle_exception(error)
+        return status
 
     # -- commands --------------------------------------------------------------
 
@@ -380,6 +402,14 @@ class RelaySMTP(SMTP):
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
+
+
+def _describe(exc: BaseException | None) -> str:
+    """One line for a client's failure: the exception's name and text, no traceback."""
+    if exc is None:
+        return "unknown reason"
+    text = str(exc).replace("\r", " ").replace("\n", " ")[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 #: the names aiosmtpd looks up on the protocol object (see RelaySMTP.__dir__)
