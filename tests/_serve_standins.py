@@ -92,7 +92,6 @@ class LineService:
 def line_factory(host: str, port: int, name: str = "line") -> Any:
     def make(ctx: Context) -> list[LineService]:
         svc = LineService(name, host, port, ctx.ssl_context)
-        ctx.extra.setdefault("standins", []).append(svc)
         return [svc]
     return make
 
