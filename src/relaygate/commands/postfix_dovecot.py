@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import click
 
@@ -53,7 +52,8 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
       smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated,
           check_policy_service inet:127.0.0.1:10040, reject_unauth_destination
 
-    Stops on SIGTERM/SIGINT (UNIX sockets are removed). Exit 111 when a
+    Stops on SIGTERM/SIGINT (UNIX sockets are removed; answers in flight get
+    shutdown_grace seconds), re-reads the rules on SIGHUP. Exit 111 when a
     listener cannot be bound or the store cannot be opened.
     """
     settings = settings_from(ctx, **{
@@ -66,6 +66,7 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
     if not settings.policy.listen:
         settings = settings.replace(
             policy=dataclasses.replace(settings.policy, listen=("127.0.0.1:10040",)))
+    from relaygate.commands._single import run_services
     from relaygate.context import Context
     from relaygate.log import setup_logging
     from relaygate.metrics import Metrics
@@ -74,26 +75,13 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
 
     setup_logging(settings.log_format, settings.log_level)
     control = build_control(settings)
-    service = make_service(Context(settings, control, Metrics()))
+    context = Context(settings, control, Metrics())
     try:
-        asyncio.run(_run_until_signal(service))
-    except OSError as exc:
-        click.echo(f"relaygate policyd: cannot listen: {exc}", err=True)
-        ctx.exit(EXIT_TEMPFAIL)
+        rc = asyncio.run(run_services("policyd", context, [make_service(context)],
+                                      announce=lambda lines: None))
     finally:
         control.store.close()
-
-
-async def _run_until_signal(service: Any) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    try:
-        await stop.wait()
-    finally:
-        await service.stop(5.0)
+    ctx.exit(rc)
 
 
 @click.command("dovecot-postlogin", context_settings={

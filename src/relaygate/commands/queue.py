@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import time
 from typing import Any
 
@@ -406,40 +405,35 @@ def run(ctx: click.Context, once: bool, grace: float | None) -> None:
     from relaygate.log import setup_logging
     from relaygate.mail.delivery.worker import make_worker
     from relaygate.metrics import Metrics
+    from relaygate.servers.runtime import Runtime
 
     settings = settings_from(ctx)
     setup_logging(settings.log_format, settings.log_level)
     q = Queue(settings.data_dir / "queue")
     context = Context(settings, _control(settings), Metrics(), _directory(settings), q)
     worker = make_worker(context)
-    wait = grace if grace is not None else float(getattr(settings, "shutdown_grace", 30.0))
+    wait = grace if grace is not None else float(settings.shutdown_grace)
 
     async def main() -> None:
-        from relaygate.mail.delivery.worker import DeliveryWorker
-
-        assert isinstance(worker, DeliveryWorker)
         if once:
             n = await worker.run_once()
             log.info("queue run --once: worked on %d message(s)", n)
             return
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await worker.start()
+        runtime = Runtime("queue", context, [worker], grace=wait)
+        runtime.install_signals()
+        await runtime.start()
         log.info("queue worker running on %s", q.directory)
         try:
-            await stop.wait()
+            await runtime.wait()
         finally:
             log.info("queue worker stopping (grace %.0fs)", wait)
-            await worker.stop(wait)
+            await runtime.shutdown()
 
     try:
         asyncio.run(main())
     finally:
-        close = getattr(context.directory, "close", None)
-        if callable(close):
-            close()
+        if context.directory is not None:
+            context.directory.close()
 
 
 def _control(settings: Settings) -> Any:

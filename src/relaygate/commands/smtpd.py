@@ -2,8 +2,10 @@
 
 Listener mode runs the smtp, submission and (with a certificate) smtps
 listeners until SIGTERM/SIGINT, then lets transactions in flight finish for
-``shutdown_grace`` seconds. ``--stdio`` runs one session on descriptors 0/1
-for tcpserver, where qmail-smtpd would run::
+``shutdown_grace`` seconds; SIGHUP re-reads rcpthosts, the rules, the users and
+the TLS certificate (the lifecycle of :mod:`relaygate.servers.runtime`).
+``--stdio`` runs one session on descriptors 0/1 for tcpserver, where
+qmail-smtpd would run::
 
     tcpserver -x rules.cdb 0 25 relay-ctrl-check relaygate smtpd --stdio
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from typing import Any
 
 import click
@@ -127,30 +128,24 @@ def _context(settings: Any, *, control: Any = None) -> Any:
 
 
 async def _run_listeners(settings: Any) -> int:
+    from relaygate.commands._single import run_services
     from relaygate.servers.smtp.service import make_services
 
     ctx = _context(settings)
-    services = make_services(ctx)
-    if not services:
-        raise click.UsageError("no SMTP listener configured")
-    started = []
     try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
-        for svc in services:
-            for line in svc.listeners():
+        services = make_services(ctx)
+        if not services:
+            raise click.UsageError("no SMTP listener configured")
+
+        def announce(lines: list[str]) -> None:
+            for line in lines:
                 click.echo(f"relaygate smtpd: {line}")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+
+        return await run_services("smtpd", ctx, services, announce=announce)
     finally:
-        for svc in started:
-            await svc.stop(settings.shutdown_grace)
         ctx.control.store.close()
-    return 0
+        if ctx.directory is not None:
+            ctx.directory.close()
 
 
 def _run_stdio(settings: Any, *, use_store: bool, environ: dict[str, str]) -> int:

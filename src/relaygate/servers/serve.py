@@ -20,7 +20,8 @@ Start-up follows qmail's "do as little as possible as root":
    1024 included), then drop privileges for good: ``setgroups([])``,
    ``setgid``, ``setuid``, and check that root cannot be regained.
 
-Then it runs the aging loop (every ``age_interval`` seconds,
+Start, signals and stop are :class:`relaygate.servers.runtime.Runtime`'s, the
+lifecycle every service command shares. Then it runs the aging loop (every ``age_interval`` seconds,
 ``RelayControl.age`` in a thread; a store failure is logged, never fatal),
 rewrites ``status.json`` every few seconds for ``relaygate status``, and
 answers signals:
@@ -47,7 +48,6 @@ import inspect
 import logging
 import os
 import pwd
-import signal
 import ssl
 import sys
 import time
@@ -58,18 +58,17 @@ from typing import Any
 
 from relaygate.config import Settings
 from relaygate.context import Context
-from relaygate.errors import ConfigError, RelaygateError, StoreError
+from relaygate.errors import RelaygateError, StoreError
 from relaygate.interfaces import Service
 from relaygate.log import event, setup_logging
 from relaygate.metrics import Metrics
-from relaygate.rules import RuleSet
 from relaygate.runtime import build_control
 from relaygate.servers.listeners import (
     parse_listen,
-    reload_certificate,
     resolves_to_loopback,
     server_tls_context,
 )
+from relaygate.servers.runtime import Runtime, StartError, addresses
 from relaygate.status import (
     LOCK_FILE,
     STATUS_INTERVAL,
@@ -85,8 +84,6 @@ log = logging.getLogger("relaygate.serve")
 #: a service factory: takes the Context, returns one Service or a list of them
 Factory = Callable[[Context], Any]
 
-#: seconds added to the grace period before serve gives up waiting for services
-STOP_SLACK = 5.0
 #: seconds between "status file cannot be written" warnings (no log flood)
 STATUS_WARN_EVERY = 60.0
 #: seconds between queue gauge refreshes (Queue.stats reads every envelope)
@@ -292,10 +289,8 @@ class Server:
         self.store_ok: bool | None = None
         self._lock_fd: int | None = None
         self._target: _Target | None = None
-        self._stop: asyncio.Event | None = None
-        self._hurry: asyncio.Event | None = None
-        #: SIGHUP reloads in progress (a reference, so the tasks are not collected)
-        self._reloads: set[asyncio.Task[list[str]]] = set()
+        #: start, SIGHUP, SIGTERM and grace: the lifecycle every process shares
+        self.runtime: Runtime | None = None
         self._last_status_warning = 0.0
         self._queue_checked = -QUEUE_STATS_INTERVAL
 
@@ -490,25 +485,22 @@ class Server:
     # -- the loop ------------------------------------------------------------
 
     async def main(self) -> int:
-        self._stop = asyncio.Event()
-        self._hurry = asyncio.Event()
+        self.runtime = runtime = Runtime("serve")
         if self._install_signals:
             # before anything starts: a SIGTERM during start-up is a clean stop, not a kill
-            self._signals()
+            runtime.install_signals()
         with self._as_service_user():
             self.ctx = ctx = self.build_context()
             self.services = self._build_services(ctx)
-        started: list[Service] = []
+        runtime.attach(ctx, self.services)
         try:
-            for svc in self.services:
-                try:
-                    await svc.start()
-                except OSError as exc:
-                    raise ServeError(f"{svc.name}: cannot listen: {exc.strerror or exc}") from None
-                started.append(svc)
+            await runtime.start()
+        except StartError as exc:
+            raise ServeError(str(exc)) from None
+        try:
             self._drop_privileges()
         except BaseException:
-            await self._stop_services(started, 0.0)
+            await runtime.shutdown()
             raise
         self.started_at = time.time()
         for svc in self.services:
@@ -520,98 +512,26 @@ class Server:
         self._banner()
         tasks = [asyncio.create_task(self._aging_loop(), name="aging"),
                  asyncio.create_task(self._status_loop(), name="status")]
-        await self._stop.wait()
+        await runtime.wait()
         event("serve.stopping", grace=self.settings.shutdown_grace)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._shutdown()
+        await runtime.shutdown()
         self._write_status("stopped")
         event("serve.stopped")
         return 0
 
     def request_stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does); a second call hurries it."""
-        assert self._stop is not None and self._hurry is not None
-        if self._stop.is_set():
-            event("serve.hurry")
-            self._hurry.set()
-        self._stop.set()
-
-    def _signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-
-    def _on_hup(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
-
-    async def _shutdown(self) -> None:
-        grace = self.settings.shutdown_grace
-        listening = [s for s in self.services if s.listeners()]
-        quiet = [s for s in self.services if not s.listeners()]
-        assert self._hurry is not None
-        for group in (listening, quiet):
-            job = asyncio.ensure_future(self._stop_services(group, grace))
-            hurry = asyncio.ensure_future(self._hurry.wait())
-            done, _ = await asyncio.wait({job, hurry}, timeout=grace + STOP_SLACK,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            hurry.cancel()
-            if job not in done:
-                log.warning("services did not stop in time; exiting anyway")
-                job.cancel()
-                await asyncio.gather(job, return_exceptions=True)
-                return
-
-    @staticmethod
-    async def _stop_services(services: Sequence[Service], grace: float) -> None:
-        async def one(svc: Service) -> None:
-            try:
-                await svc.stop(grace)
-            except Exception:
-                log.exception("%s: error while stopping", svc.name)
-
-        await asyncio.gather(*(one(s) for s in services))
+        assert self.runtime is not None
+        self.runtime.request_stop()
 
     async def reload(self) -> list[str]:
-        """SIGHUP: rules, TLS certificate, users and reloadable services; returns what reloaded."""
-        ctx = self.ctx
-        if ctx is None:
+        """SIGHUP: rules, TLS certificate, users and every service; returns what reloaded."""
+        if self.runtime is None or self.ctx is None:
             return []
-        s = self.settings
-        done: list[str] = []
-        if s.rules_file is not None:
-            try:
-                rules = await asyncio.to_thread(RuleSet.load, s.rules_file)
-            except ConfigError as exc:
-                log.error("reload: keeping the old rules: %s", exc)
-            else:
-                ctx.control.rules = rules
-                done.append("rules")
-        if self.ssl_context is not None and reload_certificate(self.ssl_context, s):
-            done.append("tls")
-        targets: list[tuple[str, Any]] = [("users", ctx.directory)]
-        targets += [(svc.name, svc) for svc in self.services]
-        for name, obj in targets:
-            fn = getattr(obj, "reload", None)
-            if not callable(fn):
-                continue
-            try:
-                if inspect.iscoroutinefunction(fn):
-                    await fn()
-                else:
-                    result = await asyncio.to_thread(fn)
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception as exc:
-                log.error("reload: %s failed: %s", name, exc)
-            else:
-                done.append(name)
-        event("serve.reloaded", parts=",".join(done) or "nothing")
-        return done
+        return await self.runtime.reload()
 
     async def _aging_loop(self) -> None:
         ctx = self.ctx
@@ -663,8 +583,7 @@ class Server:
             "store_ok": self.store_ok,
             "domains": list(s.local_domains),
             "metrics": s.metrics.listen,
-            "services": [{"name": svc.name, "listeners": _addresses(svc)}
-                         for svc in self.services],
+            "services": (self.runtime.status() if self.runtime is not None else []),
             "errors": self.errors.items(),
         }
         return doc
@@ -694,7 +613,7 @@ class Server:
                  f"{s.data_dir.absolute()}, store {redact_url(s.store_url)}",
                  f"local domains: {', '.join(s.local_domains)}"]
         for svc in self.services:
-            addrs = ", ".join(_addresses(svc)) or "(no listeners)"
+            addrs = ", ".join(addresses(svc)) or "(no listeners)"
             lines.append(f"  {svc.name:<12} {addrs}")
         if self.first_run:
             dom = s.local_domains[0]
@@ -712,17 +631,11 @@ class Server:
         self._announce("\n".join(lines))
 
 
-def _addresses(svc: Service) -> list[str]:
-    """A service's listener addresses without the service name some put in front."""
-    prefix = f"{svc.name} "
-    return [a[len(prefix):] if a.startswith(prefix) else a for a in svc.listeners()]
-
-
 def _listening(svc: Service) -> list[tuple[str, str]]:
     """(kind, address) of each listener: ``pop3s 127.0.0.1:1995`` of service pop3 is
     kind ``pop3s``; an address without a kind in front is the service's own."""
     out = []
-    for addr in _addresses(svc):
+    for addr in addresses(svc):
         kind, sep, rest = addr.partition(" ")
         if sep and rest and kind.isalnum() and kind[:1].isalpha():
             out.append((kind, rest))

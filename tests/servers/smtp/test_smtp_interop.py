@@ -8,6 +8,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,3 +245,32 @@ def test_smtpd_command_runs_and_stops(data_dir: Path) -> None:
     assert f"smtp 127.0.0.1:{port}".encode() in out
     assert b"message.accepted" in err
     assert len(list((data_dir / "mail" / LOCAL / "alice" / "new").iterdir())) == 1
+
+
+def test_smtpd_command_reloads_on_sighup(data_dir: Path) -> None:
+    """smtpd runs through the runtime every service command shares: SIGHUP re-reads
+    (rcpthosts, users, rules) instead of killing the process, as it did."""
+    port = free_port()
+    rcpthosts = data_dir / "rcpthosts"
+    rcpthosts.write_text(f"{LOCAL}\n")
+    proc = subprocess.Popen(
+        [*RELAYGATE, "--data-dir", str(data_dir), "smtpd", "--listen", f"127.0.0.1:{port}",
+         "--submission", "off", "--rcpthosts", str(rcpthosts)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        rcpthosts.write_text(f"{LOCAL}\nother.example\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None, "SIGHUP ended smtpd"
+        c = smtplib.SMTP("127.0.0.1", port, source_address=(STRANGER_IP, 0), timeout=10)
+        c.ehlo("client.example")
+        # other.example is local now: a stranger gets "no mailbox", not "no relaying"
+        assert c.mail("a@b.example")[0] == 250
+        assert c.rcpt("nobody@other.example")[0] == 550
+        c.quit()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert b"smtpd.reloaded" in err
