@@ -268,3 +268,23 @@ def _me() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_ipv6_prefix_setting(tmp_path: Path) -> None:
+    assert Settings().ipv6_prefix == 64
+    assert load_settings(environ={}).ipv6_prefix == 64
+    assert load_settings(environ={}, config_file=_toml(tmp_path, "ipv6_prefix = 56\n")
+                         ).ipv6_prefix == 56
+    assert load_settings(cli={"ipv6_prefix": "48"}, environ={}).ipv6_prefix == 48
+
+
+@pytest.mark.parametrize("value", ["0", "16", "129", "-64", "64.5", "abc"])
+def test_bad_ipv6_prefix_names_its_source(tmp_path: Path, value: str) -> None:
+    toml = _toml(tmp_path, f"hostname = 'h'\nipv6_prefix = {value!r}\n")
+    with pytest.raises(ConfigError, match="ipv6_prefix") as exc:
+        load_settings(environ={}, config_file=toml)
+    assert exc.value.source == str(toml) and exc.value.line == 2
+    assert repr(value) in str(exc.value) or value in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(cli={"ipv6_prefix": value}, environ={})
+    assert exc.value.source == "option --ipv6-prefix"

@@ -43,6 +43,8 @@ DESCRIPTIONS: dict[str, str] = {
     "log_level": "debug, info, warning or error.",
     "log_ips": "Log client addresses in relay-ctrl style chain programs.",
     "sender_binding": "A window opened by alice relays only mail from alice's addresses.",
+    "ipv6_prefix": "IPv6 clients are counted per network of this prefix length (32-128) for "
+                   "connection limits and login throttling; relay windows stay per address.",
     "user": "serve: after binding the listeners as root, run as this user.",
     "group": "serve: group to run as (default: the user's primary group).",
     "age_interval": "serve: seconds between removals of expired windows.",
@@ -256,7 +258,7 @@ SERVE_FLAGS: dict[str, str] = {
     "data_dir": "--data-dir", "domains": "--domain", "store": "--store", "expiry": "--expiry",
     "rules_file": "--rules", "smtproutes_file": "--smtproutes", "log_format": "--log-format",
     "log_level": "--log-level", "user": "--user", "group": "--group",
-    "hostname": "--hostname",
+    "hostname": "--hostname", "ipv6_prefix": "--ipv6-prefix",
     "tls.cert": "--tls-cert", "tls.key": "--tls-key",
     "smtp.listen": "--smtp", "smtp.submission": "--submission", "smtp.smtps": "--smtps",
     "pop3.listen": "--pop3", "pop3.listen_tls": "--pop3s", "imap.listen": "--imap",
