@@ -350,6 +350,13 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             if s in ("", "0", "no", "false", "off"):
                 return False
         raise bad("expected true or false")
+    if key == "expiry":  # one reader of window lengths everywhere (relaygate.expiry)
+        from relaygate.expiry import parse_expiry
+
+        try:
+            return float(parse_expiry(raw))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     if tp in (int, float):
         if isinstance(raw, bool):
             raise bad("expected a number")

@@ -32,7 +32,8 @@ DESCRIPTIONS: dict[str, str] = {
     "rcpthosts_file": "A qmail rcpthosts file whose domains are local too.",
     "store": "Grant store URL: sqlite:///PATH, spool:///DIR (relay-ctrl), "
              "redis://HOST:PORT/DB (several hosts), memory:. Empty: SQLite in the data directory.",
-    "expiry": "Seconds a login keeps the relay window of its address open.",
+    "expiry": "Seconds a login keeps the relay window of its address open: a whole number "
+              "from 1 to 31536000 (also RELAY_CTRL_EXPIRY in an envdir).",
     "relayclient": "RELAYCLIENT value a window grants (appended to each recipient; "
                    "empty = plain relay).",
     "rules_file": "Static rules (tcprules syntax and CIDR), e.g. 127.0.0.1:allow,RELAYCLIENT=\"\".",
