@@ -168,6 +168,10 @@ def test_address_limiter() -> None:
         lim.release("192.0.2.1")
     assert "192.0.2.1" not in lim.counts  # nothing left behind
     assert all(lim.acquire(None) for _ in range(10))  # UNIX clients are not counted
+    local = AddressLimiter(1, unix_key="unix")  # POP3 counts local clients together
+    assert local.acquire(None) and not local.acquire(None)
+    local.release(None)
+    assert local.acquire(None)
 
 
 # -- TLS -----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from relaygate.addresses import is_loopback, parse_ip
+from relaygate.addresses import DEFAULT_IPV6_PREFIX, client_group, is_loopback, parse_ip
 from relaygate.errors import ConfigError, InvalidAddress, StoreError
 from relaygate.grants import Grant
 from relaygate.log import event
@@ -253,24 +253,30 @@ class Listener:
 class AddressLimiter:
     """Open connections per client address, shared by the listeners of a service.
 
-    A UNIX-socket client (address None) is not counted: it has no address, and
-    only local users can reach such a socket.
+    IPv4 counts per address, IPv6 per network of ``ipv6_prefix`` bits (one host
+    owns a /64; :func:`relaygate.addresses.client_group`). A UNIX-socket client
+    (address None) has no address: it is counted under ``unix_key`` when one is
+    given (POP3: every local client together), else not at all (SMTP).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, ipv6_prefix: int = DEFAULT_IPV6_PREFIX, *,
+                 unix_key: str | None = None) -> None:
         self.limit = limit
+        self.ipv6_prefix = ipv6_prefix
+        self.unix_key = unix_key
         self.counts: dict[str, int] = {}
 
-    @staticmethod
-    def key(ip: str) -> str:
-        """What is counted for ``ip`` (the canonical address itself)."""
-        return ip
+    def key(self, ip: str | None) -> str | None:
+        """What is counted for ``ip``: the address, IPv6 by its network (None: nothing)."""
+        if ip is None:
+            return self.unix_key
+        return client_group(ip, self.ipv6_prefix)
 
     def acquire(self, ip: str | None) -> bool:
         """Count one more connection; False (nothing counted) when over the limit."""
-        if ip is None:
-            return True
         k = self.key(ip)
+        if k is None:
+            return True
         n = self.counts.get(k, 0)
         if n >= self.limit:
             return False
@@ -278,9 +284,9 @@ class AddressLimiter:
         return True
 
     def release(self, ip: str | None) -> None:
-        if ip is None:
-            return
         k = self.key(ip)
+        if k is None:
+            return
         n = self.counts.get(k, 0) - 1
         if n > 0:
             self.counts[k] = n

@@ -121,7 +121,8 @@ class Pop3Service:
         self.sizes = SizeCache()
         self._listeners: list[Listener] = []
         self._sessions: set[_Session] = set()
-        self.limiter = AddressLimiter(self.settings.pop3.max_connections_per_ip)
+        self.limiter = AddressLimiter(self.settings.pop3.max_connections_per_ip,
+                                      self.settings.ipv6_prefix, unix_key="unix")
         self._stopping = False
 
     # -- Service ---------------------------------------------------------------

@@ -409,7 +409,8 @@ class SmtpService:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         s = ctx.settings.smtp
-        self.limiter = limiter or AddressLimiter(s.max_connections_per_ip)
+        self.limiter = limiter or AddressLimiter(s.max_connections_per_ip,
+                                                 ctx.settings.ipv6_prefix)
         self._listeners: list[Listener] = []
         self.sessions: set[RelaySMTP] = set()
         self._started = False
@@ -515,7 +516,7 @@ def make_services(ctx: Context) -> list[Service]:
     """smtp, submission and (with a certificate) smtps services from ``ctx.settings``."""
     s = ctx.settings
     handler = RelayHandler(ctx, RcptHosts.from_settings(s))
-    limiter = AddressLimiter(s.smtp.max_connections_per_ip)
+    limiter = AddressLimiter(s.smtp.max_connections_per_ip, s.ipv6_prefix)
     tls = tls_context_of(ctx)
     out: list[Service] = []
     kinds = (("smtp", "smtp.listen", s.smtp.listen, False),
