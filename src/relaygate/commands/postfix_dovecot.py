@@ -1,7 +1,9 @@
-"""Postfix and Dovecot commands: ``policyd``, ``dovecot-postlogin``, ``watch-log``, ``doctor``.
+"""MTA and Dovecot commands: ``policyd``, ``socketmap``, ``dovecot-postlogin``,
+``watch-log``, ``doctor``.
 
 ``policyd`` runs the Postfix policy service alone (``serve`` runs it too when
-``policy.listen`` is set); ``dovecot-postlogin`` is Dovecot's post-login hook;
+``policy.listen`` is set); ``socketmap`` the socketmap service for Sendmail and
+Postfix (``serve`` with ``socketmap.listen``); ``dovecot-postlogin`` is Dovecot's post-login hook;
 ``watch-log`` opens windows from POP3/IMAP login lines in logs; ``doctor
 postfix`` checks that Postfix asks the policy service at the right place.
 """
@@ -79,6 +81,75 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
         asyncio.run(_run_until_signal(service))
     except OSError as exc:
         click.echo(f"relaygate policyd: cannot listen: {exc}", err=True)
+        ctx.exit(EXIT_TEMPFAIL)
+    finally:
+        control.store.close()
+
+
+@click.command()
+@click.option("--listen", "-l", multiple=True, metavar="HOST:PORT|unix:PATH",
+              help="Listener, repeatable: 127.0.0.1:10041, [::1]:10041, "
+                   "unix:/run/relaygate/socketmap (default: socketmap.listen from the "
+                   "configuration, else 127.0.0.1:10041).")
+@click.option("--value", metavar="TEXT",
+              help="Value answered with OK for an address that may relay (default OK).")
+@click.option("--socket-mode", metavar="OCTAL",
+              help="Permissions of UNIX sockets (default 0660).")
+@click.option("--socket-group", metavar="GROUP",
+              help="Group of UNIX sockets (e.g. smmsp or postfix, so the MTA can connect).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Store lookup threads (default 1; more help a remote Redis).")
+@click.option("--log-level", type=_LOG_LEVELS, help="Log level (default info; debug logs "
+                                                    "every NOTFOUND).")
+@click.pass_context
+def socketmap(ctx: click.Context, listen: tuple[str, ...], value: str | None,
+              socket_mode: str | None, socket_group: str | None, threads: int | None,
+              log_level: str | None) -> None:
+    """Run the socketmap service for Sendmail and Postfix.
+
+    The key of each lookup is a client address (192.0.2.1, IPv6:2001:db8::1,
+    optionally tagged: POP:192.0.2.1); any map name is accepted. Answers
+    OK VALUE when the address may relay (a static rule or an open POP/IMAP
+    window), NOTFOUND otherwise, TEMP when the store is unreachable (never
+    OK). Sendmail: see deploy/sendmail/; Postfix:
+
+    \b
+      smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated,
+          check_client_access socketmap:inet:127.0.0.1:10041:relaygate,
+          reject_unauth_destination
+
+    Stops on SIGTERM/SIGINT (UNIX sockets are removed). Exit 111 when a
+    listener cannot be bound or the store cannot be opened.
+    """
+    settings = settings_from(ctx, **{
+        "socketmap.listen": list(listen) or None,
+        "socketmap.value": value,
+        "socketmap.socket_mode": socket_mode,
+        "socketmap.socket_group": socket_group,
+        "socketmap.threads": threads,
+        "log_level": log_level,
+    })
+    if not settings.socketmap.listen:
+        settings = settings.replace(
+            socketmap=dataclasses.replace(settings.socketmap, listen=("127.0.0.1:10041",)))
+    from relaygate.errors import ConfigError
+    from relaygate.log import setup_logging
+    from relaygate.metrics import Metrics
+    from relaygate.runtime import build_control
+    from relaygate.servers.base import Context
+    from relaygate.servers.socketmap import make_service
+
+    setup_logging(settings.log_format, settings.log_level)
+    control = build_control(settings)
+    try:
+        try:
+            service = make_service(Context(settings, control, Metrics()))
+        except ConfigError as exc:
+            click.echo(f"relaygate socketmap: configuration error: {exc}", err=True)
+            ctx.exit(EXIT_TEMPFAIL)
+        asyncio.run(_run_until_signal(service))
+    except OSError as exc:
+        click.echo(f"relaygate socketmap: cannot listen: {exc}", err=True)
         ctx.exit(EXIT_TEMPFAIL)
     finally:
         control.store.close()
