@@ -337,3 +337,63 @@ def doctor_postfix(ctx: click.Context, config_dir: str | None, policies: tuple[s
         click.echo(f"{len(report.problems)} problem(s); see docs/postfix-dovecot.md", err=True)
         ctx.exit(1)
     click.echo("relaygate's policy is in place")
+
+
+@doctor.command("exim")
+@click.option("--exim", "program", metavar="PROGRAM",
+              help="Exim program (default exim4 if installed, else exim).")
+@click.option("--config", "config_file", metavar="FILE",
+              help="Check this configuration (exim -C FILE) instead of the running one.")
+@click.option("--address", default="192.0.2.53", show_default=True, metavar="IP",
+              help="Address given a 60-second window for the test session.")
+@click.option("--stranger", default="192.0.2.54", show_default=True, metavar="IP",
+              help="Address without a window for the test session.")
+@click.option("--no-session", is_flag=True, help="Skip the test session (exim -bh).")
+@click.pass_context
+def doctor_exim(ctx: click.Context, program: str | None, config_file: str | None,
+                address: str, stranger: str, no_session: bool) -> None:
+    """Check that Exim asks relaygate before its relay check.
+
+    Reads Exim's configuration (exim -bV, exim -bP) and reports whether the
+    RCPT ACL asks relaygate's policy service (deploy/exim/relaygate-rcpt.conf)
+    before the relay check, whether the socket it names is reachable by the
+    Exim user, and whether a test session (exim -bh) from an address with an
+    open window may relay while a stranger may not. Exit 0 when all is well,
+    1 when there is a problem, 111 when Exim cannot be run.
+    """
+    import shutil
+
+    from relaygate.errors import InvalidAddress
+    from relaygate.integrations.exim_doctor import Exim, EximDoctorError, diagnose, window_session
+
+    exim_program = program or shutil.which("exim4") or shutil.which("exim") or "exim4"
+    exim = Exim(exim_program, config_file)
+    session = None
+    control = None
+    if not no_session:
+        from relaygate.runtime import build_control
+
+        control = build_control(settings_from(ctx))
+        try:
+            session = window_session(control, address, stranger)
+        except InvalidAddress as exc:
+            raise click.BadParameter(str(exc)) from None
+    try:
+        try:
+            report = diagnose(exim, session=session)
+        except InvalidAddress as exc:
+            raise click.BadParameter(str(exc)) from None
+        except EximDoctorError as exc:
+            click.echo(f"relaygate doctor exim: {exc}", err=True)
+            ctx.exit(EXIT_TEMPFAIL)
+    finally:
+        if control is not None:
+            control.store.close()
+    click.echo(f"Exim {report.version}, {report.config_file}, acl_smtp_rcpt = "
+               f"{report.acl or '(unset)'}, user {report.user}")
+    for level, message in report.findings:
+        click.echo(f"{level}: {message}")
+    if report.problems:
+        click.echo(f"{len(report.problems)} problem(s); see docs/exim.md", err=True)
+        ctx.exit(1)
+    click.echo("relaygate is asked where Exim decides relaying")

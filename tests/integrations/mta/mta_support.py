@@ -131,15 +131,17 @@ def allow(store: str, ip: str, ttl: int = 600) -> None:
 
 
 def exim_config(root: Path, policy: str, *, extra_main: str = "", routers: str = "",
-                include_acl: bool = True, timeout: str = "3s") -> Path:
+                include_acl: bool = True, timeout: str = "3s", late: bool = False) -> Path:
     """An Exim configuration shaped like Debian's acl_check_rcpt, with the shipped
-    deploy/exim files included where docs/exim.md says."""
+    deploy/exim files included where docs/exim.md says (``late``: after the relay
+    check, where Debian's CHECK_RCPT_LOCAL_ACL_FILE hook is: the mistake)."""
     spool = root / "spool"
     logs = root / "log"
     for d in (spool, logs):
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o777)
     acl = f".include {DEPLOY / 'exim' / 'relaygate-rcpt.conf'}\n" if include_acl else ""
+    early, late_acl = ("", acl) if late else (acl, "")
     conf = root / "exim.conf"
     conf.write_text(f"""\
 RELAYGATE_POLICY = {policy}
@@ -170,10 +172,11 @@ acl_check_rcpt:
   accept
     authenticated = *
     control = submission/sender_retain
-{acl}
+{early}
   require
     message = relay not permitted
     domains = +local_domains : +relay_to_domains
+{late_acl}
   accept
 
 begin routers
