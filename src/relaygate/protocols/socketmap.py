@@ -159,6 +159,8 @@ def client_address(key: bytes) -> str | None:
         text = key.decode("ascii")
     except UnicodeDecodeError:
         return None
+    if text[:5] in ("IPv6:", "ipv6:", "IPV6:"):  # Sendmail's form: no need to try it whole
+        text = text[5:]
     for _ in range(2):
         try:
             return parse_ip(text)

@@ -46,9 +46,12 @@ _EVENTS = logging.getLogger("relaygate.events")
 _PIPELINE_LIMIT = 64 * 1024
 
 
-class _SocketmapConnection(asyncio.Protocol):
+class _SocketmapConnection(asyncio.BufferedProtocol):
     def __init__(self, service: SocketmapService) -> None:
         self.service = service
+        # read into the service's one buffer, as the policy service does (no 256 KiB
+        # allocation per read); the reader copies what it keeps
+        self.buffer = service.read_buffer
         self.reader = SocketmapReader()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -76,7 +79,13 @@ class _SocketmapConnection(asyncio.Protocol):
         self.transport = None
         self.out.clear()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             self.reader.receive_data(data)
         except SocketmapProtocolError as exc:
