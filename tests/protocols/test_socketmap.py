@@ -17,6 +17,7 @@ from relaygate.protocols.socketmap import (
     SocketmapRequest,
     answer_for,
     client_address,
+    found,
     netstring,
 )
 
@@ -166,17 +167,17 @@ def test_answers() -> None:
     allow = Decision(Verdict.ALLOW, "window", "grant")
     deny = Decision(Verdict.DENY, "no window", "none")
     down = Decision(Verdict.TEMPFAIL, "grant store unreachable: secret detail", "store")
-    assert answer_for(allow, "OK") == b"5:OK OK,"
-    assert answer_for(allow, "RELAY") == b"8:OK RELAY,"
-    assert answer_for(deny, "OK") == NOTFOUND == b"9:NOTFOUND ,"
-    temp = answer_for(down, "OK")
+    assert answer_for(allow, found("OK")) == b"5:OK OK,"
+    assert answer_for(allow, found("RELAY")) == b"8:OK RELAY,"
+    assert answer_for(deny, found("OK")) == NOTFOUND == b"9:NOTFOUND ,"
+    temp = answer_for(down, found("OK"))
     assert temp.startswith(b"") and b"TEMP " in temp and b"secret" not in temp
     assert temp == netstring(b"TEMP relaygate: grant store unreachable")
 
 
 @given(st.text(max_size=50))
 def test_answers_are_well_formed_netstrings(value: str) -> None:
-    out = answer_for(Decision(Verdict.ALLOW, "w", "grant"), value or "OK")
+    out = answer_for(Decision(Verdict.ALLOW, "w", "grant"), found(value or "OK"))
     reader = SocketmapReader(max_request_size=2000)
     reader.receive_data(out)
     req = reader.next_request()

@@ -33,7 +33,7 @@ the reply netstring. Nothing here touches a socket.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from relaygate.addresses import parse_ip
 from relaygate.decision import Decision, Verdict
@@ -55,6 +55,9 @@ MAX_ANSWER_TEXT = 1024
 #: control characters).
 _NAME = re.compile(rb"[!-~]{1,255}")
 
+#: A netstring's length and colon, at the start of a request.
+_HEAD = re.compile(rb"([0-9]{1,%d}):" % len(str(MAX_REQUEST_SIZE)))
+
 #: A tag some rulesets put before the address (``POP:``), as Sendmail map keys allow.
 _TAG = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}:")
 
@@ -65,8 +68,7 @@ class SocketmapProtocolError(RelaygateError):
     """A client sent something that is not a socketmap request: close the connection."""
 
 
-@dataclass(frozen=True, slots=True)
-class SocketmapRequest:
+class SocketmapRequest(NamedTuple):
     """One lookup: the map name and the key, both still bytes."""
 
     name: bytes
@@ -90,6 +92,8 @@ class SocketmapReader:
         self._buf = bytearray()
         self._pos = 0
         self.closed = False
+        #: map names seen valid on this connection
+        self._names: set[bytes] = set()
 
     @property
     def buffered(self) -> int:
@@ -113,32 +117,35 @@ class SocketmapReader:
         end = len(buf)
         if pos == end:
             return None
-        colon = buf.find(b":", pos, pos + _MAX_LENGTH_DIGITS + 1)
-        if colon < 0:
+        m = _HEAD.match(buf, pos)
+        if m is None:
+            # no "LEN:" yet: fine while what has arrived can still become one
             if end - pos > _MAX_LENGTH_DIGITS or not buf[pos:end].isdigit():
                 raise SocketmapProtocolError("netstring length is not a number "
                                              f"of at most {_MAX_LENGTH_DIGITS} digits")
             self._check_open()
             return None
-        digits = bytes(buf[pos:colon])
-        if not digits.isdigit():  # also refuses an empty length
-            raise SocketmapProtocolError("netstring length is not a number")
-        length = int(digits)
+        length = int(m.group(1))
         if length > self.max_request_size:
             raise SocketmapProtocolError(
                 f"request of {length} bytes (limit {self.max_request_size})")
-        start = colon + 1
+        start = m.end()
         stop = start + length
         if stop >= end:
             self._check_open()
             return None
         if buf[stop] != 0x2C:  # ","
             raise SocketmapProtocolError("netstring does not end with a comma")
-        payload = bytes(buf[start:stop])
+        name, sep, key = bytes(buf[start:stop]).partition(b" ")
         self._pos = stop + 1
-        name, sep, key = payload.partition(b" ")
-        if not sep or _NAME.fullmatch(name) is None:
+        if not sep:
             raise SocketmapProtocolError("request is not NAME KEY")
+        if name not in self._names:
+            # a client asks one or two maps: each name is checked once (up to a few)
+            if _NAME.fullmatch(name) is None:
+                raise SocketmapProtocolError("request is not NAME KEY")
+            if len(self._names) < 8:
+                self._names.add(name)
         return SocketmapRequest(name, key)
 
     def _check_open(self) -> None:
@@ -194,8 +201,12 @@ def temporary(reason: str) -> bytes:
     return netstring(b"TEMP " + _text(reason))
 
 
-def answer_for(decision: Decision, value: str) -> bytes:
-    """The reply to a relay decision: OK VALUE, NOTFOUND, or TEMP (fail closed).
+STORE_DOWN = temporary("relaygate: grant store unreachable")
+
+
+def answer_for(decision: Decision, ok: bytes) -> bytes:
+    """The reply to a relay decision: ``ok`` (``found(value)``, made once by the
+    caller), NOTFOUND, or TEMP (fail closed).
 
     A denial (no window, a deny rule, a key that is no address) is NOTFOUND: the
     MTA's own relay check then decides. A store that cannot be asked is TEMP, never
@@ -203,9 +214,9 @@ def answer_for(decision: Decision, value: str) -> bytes:
     """
     verdict = decision.verdict
     if verdict is Verdict.ALLOW:
-        return found(value)
+        return ok
     if verdict is Verdict.DENY:
         return NOTFOUND
     if decision.kind == "store":
-        return temporary("relaygate: grant store unreachable")
+        return STORE_DOWN
     return temporary("relaygate: " + decision.kind)

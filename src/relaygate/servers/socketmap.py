@@ -34,6 +34,7 @@ from relaygate.protocols.socketmap import (
     SocketmapReader,
     answer_for,
     client_address,
+    found,
 )
 from relaygate.servers.base import Context, Listen, parse_listen
 from relaygate.servers.policy import PolicyService
@@ -160,7 +161,7 @@ class _SocketmapConnection(asyncio.BufferedProtocol):
     def _reply(self, ip: str, decision: Decision) -> None:
         service = self.service
         service.count(decision)
-        answer = answer_for(decision, service.value)
+        answer = answer_for(decision, service.ok)
         self._send(answer)
         verdict = decision.verdict
         if verdict is Verdict.DENY:
@@ -224,6 +225,8 @@ class SocketmapService(PolicyService):
     def __init__(self, ctx: Context, listens: list[Listen]) -> None:
         super().__init__(ctx, listens)
         self.value = _answer_value(ctx.settings.socketmap.value)
+        #: the answer for an address that may relay, made once
+        self.ok = found(self.value)
 
 
 def make_service(ctx: Context) -> SocketmapService:
