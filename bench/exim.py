@@ -104,6 +104,7 @@ host_lookup =
 rfc1413_hosts =
 smtp_accept_max = 100
 smtp_accept_max_nonmail_hosts =
+smtp_accept_max_per_connection = 0
 smtp_accept_queue_per_connection = 0
 acl_smtp_rcpt = acl_check_rcpt
 begin acl
