@@ -48,10 +48,11 @@ class Server:
     proc: subprocess.Popen[bytes]
     port: int
     workdir: Path
+    password: str | None = None
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2,
-                           socket_connect_timeout=2)
+                           socket_connect_timeout=2, password=self.password)
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to replicas or sentinels, as when a host dies."""
@@ -70,8 +71,9 @@ class Server:
 
 
 def start_server(exe: str, workdir: Path, *args: str, port: int | None = None,
-                 config: str | None = None) -> Server:
-    """One server on 127.0.0.1 (``config``: text of a config file to start from)."""
+                 config: str | None = None, password: str | None = None) -> Server:
+    """One server on 127.0.0.1 (``config``: text of a config file to start from;
+    ``password``: its ``requirepass``, for our own client)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [exe]
@@ -84,7 +86,7 @@ def start_server(exe: str, workdir: Path, *args: str, port: int | None = None,
     if "--sentinel" not in args:
         cmd += ["--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = Server(proc, port, workdir)
+    server = Server(proc, port, workdir, password)
     c = server.client()
     try:
         _wait(f"{exe} on port {port} answering", lambda: proc.poll() is None and c.ping())

@@ -354,3 +354,57 @@ def test_sentinel_store_follows_a_manual_failover_back(sentinel_set: SentinelSet
         new.close()
     assert control.decide("192.0.2.1").verdict is Verdict.ALLOW
     store.close()
+
+
+# -- the deploy files -------------------------------------------------------------------
+
+
+def test_deploy_redis_files_work_with_passwords(tmp_path: Path) -> None:
+    """deploy/redis/{redis.conf.snippet,sentinel.conf}, moved to loopback ports, start a
+    master, a replica and three sentinels that relaygate reaches with the passwords of the
+    URL in sentinel.conf's header; a wrong password is TEMPFAIL, never ALLOW."""
+    import re
+
+    from .redis_servers import start_server
+
+    exe = need_program("redis-server")
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "redis"
+    server_conf = (deploy / "redis.conf.snippet").read_text()
+    server_conf = re.sub(r"^bind .*$", "", server_conf, flags=re.MULTILINE)
+    master = start_server(exe, tmp_path / "m", config=server_conf, password="change-me")
+    replica = start_server(exe, tmp_path / "r", "--replicaof", "127.0.0.1", str(master.port),
+                           config=server_conf, password="change-me")
+    sentinel_text = (deploy / "sentinel.conf").read_text()
+    url_line = re.search(r'store = "(redis\+sentinel://[^"]+)"', sentinel_text)
+    assert url_line is not None
+    sentinel_conf = re.sub(r"^(port|bind) .*$", "", sentinel_text, flags=re.MULTILINE)
+    sentinel_conf = sentinel_conf.replace("10.0.0.5 6379", f"127.0.0.1 {master.port}")
+    sentinel_conf = sentinel_conf.replace("down-after-milliseconds relaygate 5000",
+                                          "down-after-milliseconds relaygate 1000")
+    sentinels = []
+    try:
+        for i in range(3):
+            sentinels.append(start_server(exe, tmp_path / f"s{i}", "--sentinel",
+                                          config=sentinel_conf, password="change-me-too"))
+        url = url_line.group(1)
+        for i, host in enumerate(("10.0.0.5", "10.0.0.6", "10.0.0.7")):
+            url = url.replace(f"{host}:26379", f"127.0.0.1:{sentinels[i].port}")
+        rc = replica.client()
+        deadline = time.monotonic() + 30
+        while rc.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica did not authenticate"
+            time.sleep(0.1)
+        rc.close()
+        store = open_store(url + "&prefix=deploy:")
+        control = RelayControl(store)
+        control.open_window("192.0.2.9", user="alice", source="pop3")
+        assert control.decide("192.0.2.9").verdict is Verdict.ALLOW
+        store.close()
+        for wrong in (url.replace("password=change-me&", "password=wrong&"),
+                      url.replace("sentinel_password=change-me-too", "sentinel_password=no")):
+            bad = open_store(wrong + "&prefix=deploy:")
+            assert RelayControl(bad).decide("192.0.2.9").verdict is Verdict.TEMPFAIL
+            bad.close()
+    finally:
+        for s in [*sentinels, replica, master]:
+            s.stop()
