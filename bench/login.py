@@ -51,7 +51,8 @@ from typing import BinaryIO
 from argon2 import PasswordHasher
 
 from relaygate.config import AuthSettings
-from relaygate.mail.accounts.db import UserDB, hasher_description, production_hasher
+from relaygate.mail.accounts.db import UserDB
+from relaygate.mail.accounts.hashes import hasher_description, production_hasher
 
 ROOT = Path(__file__).resolve().parent.parent
 #: tiny argon2id parameters: what remains is the cost of everything but the hash

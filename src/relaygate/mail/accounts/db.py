@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import hashlib
 import hmac
 import logging
@@ -66,7 +65,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import argon2
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
@@ -74,6 +72,14 @@ from relaygate.addresses import DEFAULT_IPV6_PREFIX
 from relaygate.errors import RelaygateError
 from relaygate.interfaces import Account, LoginResult
 from relaygate.log import event
+from relaygate.mail.accounts.errors import NoSuchUser, UserDBError, UserError
+from relaygate.mail.accounts.hashes import (
+    crypt_handler,
+    hash_scheme,
+    hasher_description,
+    normalize_imported_hash,
+    production_hasher,
+)
 from relaygate.mail.accounts.throttle import Attempt, Throttle
 from relaygate.mail.maildir import ensure_maildir
 
@@ -101,16 +107,6 @@ _LOCAL_RE = re.compile(r"[a-z0-9](?:[a-z0-9._+=-]{0,63})")
 _DOMAIN_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9](?:[a-z0-9-]{0,62}))*")
 #: what an address may hold: no spaces, controls, brackets or quotes
 _ADDR_LOCAL_RE = re.compile(r"[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
-#: crypt(3) prefixes libpass verifies for us
-_CRYPT_SCHEMES = {
-    "$6$": "sha512_crypt",
-    "$5$": "sha256_crypt",
-    "$2a$": "bcrypt",
-    "$2b$": "bcrypt",
-    "$2y$": "bcrypt",
-    "$1$": "md5_crypt",
-}
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     login       TEXT PRIMARY KEY,
@@ -129,74 +125,6 @@ CREATE TABLE IF NOT EXISTS addresses (
 );
 CREATE INDEX IF NOT EXISTS addresses_login ON addresses(login);
 """
-
-
-class UserError(RelaygateError):
-    """A bad administrative request (bad name, user exists, no such user)."""
-
-
-class NoSuchUser(UserError):
-    """The named user does not exist."""
-
-
-class UserDBError(RelaygateError):
-    """The user database could not be read or written (servers answer a temporary failure)."""
-
-
-def production_hasher() -> PasswordHasher:
-    """argon2id with RFC 9106's second recommended ("low memory") parameters: 64 MiB."""
-    return PasswordHasher.from_parameters(argon2.profiles.RFC_9106_LOW_MEMORY)
-
-
-def hasher_description(hasher: PasswordHasher) -> str:
-    """``argon2id m=65536KiB t=3 p=4`` for logs and the benchmark."""
-    return (f"argon2id m={hasher.memory_cost}KiB t={hasher.time_cost} "
-            f"p={hasher.parallelism}")
-
-
-def hash_scheme(stored: str) -> str:
-    """Name of the scheme of a stored hash (``argon2id``, ``sha512_crypt``, ...)."""
-    if stored.startswith("$argon2"):
-        return stored.split("$", 2)[1]
-    for prefix, scheme in _CRYPT_SCHEMES.items():
-        if stored.startswith(prefix):
-            return scheme
-    return "unknown"
-
-
-def normalize_imported_hash(raw: str) -> str:
-    """Validate an imported hash and return it as stored; raise UserError if unusable.
-
-    A Dovecot-style ``{SCHEME}`` prefix (``{SHA512-CRYPT}$6$...``) is dropped.
-    """
-    h = raw.strip()
-    if h.startswith("{") and "}" in h:
-        h = h.split("}", 1)[1]
-    if not h or h[0] in "!*":
-        raise UserError("no usable password hash (locked account?)")
-    if h.startswith("$argon2"):
-        try:
-            argon2.extract_parameters(h)
-        except (InvalidHashError, ValueError):
-            raise UserError("malformed argon2 hash") from None
-        return h
-    for prefix, scheme in _CRYPT_SCHEMES.items():
-        if h.startswith(prefix):
-            handler = _crypt_handler(scheme)
-            try:
-                handler.from_string(h)
-            except (ValueError, TypeError):
-                raise UserError(f"malformed {scheme} hash") from None
-            return h
-    raise UserError("unsupported hash scheme (expected $argon2id$, $6$, $5$, $2b$, $2y$ or $1$)")
-
-
-@functools.cache
-def _crypt_handler(scheme: str) -> Any:
-    # libpass is imported only when a legacy hash is met: it is slow to import.
-    import passlib.hash
-
-    return getattr(passlib.hash, scheme)
 
 
 @dataclass(frozen=True)
@@ -539,7 +467,7 @@ class UserDB:
             if scheme == "unknown":
                 self.hasher.verify(self._dummy(), password)
                 return False
-            return bool(_crypt_handler(scheme).verify(password, stored))
+            return bool(crypt_handler(scheme).verify(password, stored))
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
         except (ValueError, TypeError, UnicodeError) as exc:
@@ -820,3 +748,8 @@ def _integrity_message(exc: sqlite3.IntegrityError) -> str:
     if "users.login" in text:
         return "user exists"
     return f"constraint violated: {text}"
+
+
+__all__ = ["ImportResult", "NoSuchUser", "UserDB", "UserDBError", "UserError",
+           "hash_scheme", "hasher_description", "normalize_imported_hash", "open_directory",
+           "production_hasher"]
