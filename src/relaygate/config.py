@@ -128,10 +128,14 @@ class PolicySettings:
 class LogwatchSettings:
     #: extra login-line patterns NAME=REGEX (group ip, optional user), matched on TAG[PID]: MESSAGE
     patterns: tuple[str, ...] = ()
-    #: built-in patterns in use: dovecot, dovecot-log, courier, uw, qpopper, cyrus
-    builtins: tuple[str, ...] = ("dovecot", "dovecot-log", "courier", "uw", "qpopper", "cyrus")
+    #: built-in pattern families in use (default all; see docs/log-watcher.md)
+    builtins: tuple[str, ...] = (
+        "dovecot", "dovecot-log", "courier", "uw", "qpopper", "cyrus", "gnu-pop3d", "vchkpw",
+        "vm-pop3d", "popa3d", "perdition", "solid-pop3d", "teapop", "cucipop", "apple")
     #: seconds between checks of followed files for new lines, rotation and truncation
     interval: float = 0.25
+    #: seconds a session never logged out keeps its address's window open (0 = only the login)
+    max_session: float = 43200.0
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,7 @@ _POSITIVE = {
     "queue.per_destination", "queue.connect_timeout", "queue.command_timeout",
     "policy.idle_timeout", "policy.threads", "logwatch.interval",
 }
+_NON_NEGATIVE = {"logwatch.max_session"}
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,8 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             raise bad("expected a number")
         if key in _POSITIVE and num <= 0:
             raise bad("must be greater than zero")
+        if key in _NON_NEGATIVE and num < 0:
+            raise bad("must not be negative")
         return num
     if tp is str:
         if not isinstance(raw, str):
