@@ -15,13 +15,16 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from relaygate.cli import EXIT_TEMPFAIL, settings_from
 
 _LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
+
+if TYPE_CHECKING:
+    from relaygate.protocols.loglines import LoginMatcher
 
 log = logging.getLogger("relaygate.commands")
 
@@ -195,7 +198,7 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         "logwatch.max_session": max_session,
     })
     from relaygate.errors import ConfigError
-    from relaygate.integrations.logwatch import LogWatcher, run_tester, window_opener
+    from relaygate.integrations.logwatch import LogWatcher, window_opener
     from relaygate.log import setup_logging
     from relaygate.protocols.loglines import LoginEvent, LoginMatcher
 
@@ -212,7 +215,7 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
     if test_file is not None:
-        _run_tester(ctx, test_file, matcher, fmt, run_tester)
+        _run_tester(test_file, matcher, fmt)
         return
     handler: Callable[[LoginEvent], None]
     if dry_run:
@@ -245,20 +248,22 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
     ctx.exit(rc)
 
 
-def _run_tester(ctx: click.Context, path: str, matcher: Any, fmt: str, run: Any) -> None:
+def _run_tester(path: str, matcher: LoginMatcher, fmt: str) -> None:
+    """``watch-log --test``: explain each line of ``path`` ('-' = stdin) on stdout."""
     import sys
+
+    from relaygate.integrations.logwatch import run_tester
 
     if path == "-":
         fd = sys.stdin.fileno()
-        run(lambda: os.read(fd, 65536), matcher, sys.stdout, fmt=fmt)
+        run_tester(lambda: os.read(fd, 65536), matcher, sys.stdout, fmt=fmt)
         return
     try:
         f = open(path, "rb")
     except OSError as exc:
         raise click.FileError(path, exc.strerror) from None
     with f:
-        run(lambda: f.read(65536), matcher, sys.stdout, fmt=fmt)
-    ctx.exit(0)
+        run_tester(lambda: f.read(65536), matcher, sys.stdout, fmt=fmt)
 
 
 @click.group()
