@@ -594,7 +594,7 @@ USER_TEMPLATES = [
 ]
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(client_text)
 def test_user_names_never_change_the_address_any_server(user: str) -> None:
     for tag, pid, messages in USER_TEMPLATES:
@@ -603,7 +603,7 @@ def test_user_names_never_change_the_address_any_server(user: str) -> None:
             assert ev.ip == "198.51.100.1", (lines, ev)
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(client_text)
 def test_forged_text_in_failed_logins_opens_nothing(text: str) -> None:
     # A failed login whose user name carries a whole success line: nothing opens.

@@ -243,7 +243,7 @@ def log_lines(draw: st.DrawFn) -> tuple[list[bytes], set[str]]:
     return lines, real
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(log_lines())
 def test_windows_only_for_client_fields_of_real_shaped_lines(
         data: tuple[list[bytes], set[str]]) -> None:
