@@ -646,3 +646,32 @@ def test_tag_cache_is_bounded_and_consistent() -> None:
     assert len(m._by_tag) <= TAG_CACHE_SIZE
     assert [p.name for p in m.patterns_for(b"dovecot")][:1] == ["dovecot"]
     assert m.patterns_for(b"postfix/smtpd") == ()
+
+
+def _slow(line: bytes, fmt: str = "auto") -> object:
+    rec = record_of_line(line, fmt)
+    return None if rec is None else M.classify(rec)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([c for c in CASES]), st.sampled_from(range(6)),
+       st.sampled_from(["", "\r", " x", ": y"]), st.sampled_from(["auto", "syslog"]))
+def test_fast_path_reads_lines_as_the_full_parser_does(case: tuple[object, ...], form: int,
+                                                       tail: str, fmt: str) -> None:
+    name, tag, pid, messages = case[0], case[1], case[2], case[3]
+    assert isinstance(messages, list)
+    for m in messages:
+        forms = header_forms(str(tag), pid if isinstance(pid, str) else None, m, str(name))
+        line = forms[form % len(forms)] + tail.encode()
+        assert M.classify_line(line, fmt) == _slow(line, fmt)
+        other = line.replace(str(tag).encode(), b"postfix/smtpd", 1)
+        assert M.classify_line(other, fmt) is None and _slow(other, fmt) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fast_path_equals_full_parser_on_any_bytes(line: bytes) -> None:
+    assert M.classify_line(line) == _slow(line)
+    custom = LoginMatcher(["dovecot"], [r"x=k\[\d+\]: (?P<ip>\S+)"])
+    rec = record_of_line(line)
+    assert custom.classify_line(line) == (None if rec is None else custom.classify(rec))

@@ -62,7 +62,6 @@ from relaygate.protocols.loglines import (
     LoginMatcher,
     looks_like_journal_export,
     record_from_journal,
-    records_of_line,
 )
 from relaygate.protocols.logsessions import MAX_SESSION, LoginTracker
 
@@ -132,11 +131,11 @@ class _Decoder:
                         out.append(ev)
             return out
         text_fmt = "auto" if self.mode == "auto-text" else self.mode
+        classify_line = self.matcher.classify_line
         for line in self.lines.feed(data):
-            for record in records_of_line(line, text_fmt):
-                ev = classify(record)
-                if ev is not None:
-                    out.append(ev)
+            ev = classify_line(line, text_fmt)
+            if ev is not None:
+                out.append(ev)
         return out
 
 
@@ -308,7 +307,12 @@ class LogWatcher:
         self.ready.set()
         try:
             for follower in self.followers:
-                self._dispatch(follower.poll())
+                # one poll reads at most READ_CHUNK: poll until the end of the file
+                while True:
+                    before = (follower.fd, follower.pos)
+                    self._dispatch(follower.poll())
+                    if (follower.fd, follower.pos) == before:
+                        break
             if self.stdin is not None:
                 while data := os.read(self.stdin_fd, 65536):
                     self._dispatch(self.stdin.feed(data))

@@ -75,6 +75,10 @@ _TAG = rb"(?P<tag>" + _TAGCHARS + rb")(?:\[(?P<pid>[0-9]{1,10})\])?"
 #: ``TIMESTAMP HOST TAG[PID]: MESSAGE``; a host never ends in ":" (that is a
 #: host-less line's ``tag:``), so the two readings never overlap.
 _SYSLOG = re.compile(_TS + rb" (?P<host>[^ \t]{0,254}[^ \t:]) " + _TAG + rb": (?P<msg>.*)")
+#: The same header without the message: where it matches, _SYSLOG fullmatches the
+#: line with the same tag (``.*`` takes any rest of a line), so a line whose tag no
+#: pattern knows is skipped before any record is built.
+_SYSLOG_HEAD = re.compile(_TS + rb" [^ \t]{0,254}[^ \t:] " + _TAG + rb": ")
 #: ``TIMESTAMP TAG[PID]: MESSAGE``: syslog without the host (some syslogds, and
 #: Dovecot's own ``log_path`` file, whose tag may be ``imap(user)<pid><session>``).
 _SYSLOG_NOHOST = re.compile(_TS + rb" " + _TAG + rb": (?P<msg>.*)")
@@ -587,6 +591,22 @@ class LoginMatcher:
                     return ev
         return None
 
+    def classify_line(self, line: bytes, fmt: str = "auto") -> LogEvent | None:
+        """:meth:`classify` of a text line's record; fast for daemons no pattern knows."""
+        if fmt in ("auto", "syslog") and len(line) <= MAX_LINE_LENGTH:
+            head = _SYSLOG_HEAD.match(line)
+            if head is not None:
+                tag = head["tag"]
+                if not self.custom and not self.patterns_for(tag):
+                    return None  # the common case: Postfix and friends
+                msg = line[head.end():]
+                if msg.endswith(b"\r"):
+                    msg = msg[:-1]
+                return self.classify(LogRecord(tag, head["pid"], _strip_solaris_id(msg)))
+        for record in records_of_line(line, fmt):
+            return self.classify(record)
+        return None
+
     def match_record(self, record: LogRecord) -> LoginEvent | None:
         """A one-line login in the record (two-line logins need a LoginTracker)."""
         ev = self.classify(record)
@@ -713,26 +733,31 @@ class LineSplitter:
         self.dropped = 0
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        lines: list[bytes] = []
-        while True:
-            nl = self._buf.find(b"\n")
+        if self._discarding:
+            nl = data.find(b"\n")
             if nl < 0:
-                if len(self._buf) > self._max:
-                    if not self._discarding:
-                        self.dropped += 1
-                    self._discarding = True
-                    self._buf.clear()
-                return lines
-            line = bytes(self._buf[:nl])
-            del self._buf[: nl + 1]
-            if self._discarding:
-                self._discarding = False
-                continue
-            if len(line) > self._max:
+                return []
+            self._discarding = False
+            data = data[nl + 1:]
+        self._buf += data
+        if b"\n" not in data:
+            if len(self._buf) > self._max:
                 self.dropped += 1
-                continue
-            lines.append(line)
+                self._discarding = True
+                self._buf.clear()
+            return []
+        lines = bytes(self._buf).split(b"\n")
+        rest = lines.pop()
+        self._buf = bytearray(rest)
+        if len(rest) > self._max:
+            self.dropped += 1
+            self._discarding = True
+            self._buf.clear()
+        limit = self._max
+        if any(len(line) > limit for line in lines):
+            self.dropped += sum(1 for line in lines if len(line) > limit)
+            lines = [line for line in lines if len(line) <= limit]
+        return lines
 
     def reset(self) -> None:
         """Forget a partial line (the file was rotated or truncated)."""

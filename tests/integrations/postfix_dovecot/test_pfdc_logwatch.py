@@ -266,3 +266,18 @@ def test_watcher_stops_counting_a_session_never_logged_out(tmp_path: Path) -> No
     assert not control.decide("192.0.2.3", now=clock.t).allowed
     for f_ in w.followers:
         f_.close()
+
+
+def test_once_reads_a_big_file_to_its_end(tmp_path: Path) -> None:
+    # --once must read the whole file, not one poll's worth (READ_CHUNK bytes).
+    from relaygate.integrations.logwatch import READ_CHUNK
+
+    log = tmp_path / "mail.log"
+    filler = b"Dec  1 00:00:00 mx postfix/qmgr[1]: 0123456789: removed\n"
+    with log.open("wb") as f:
+        f.write(filler * (3 * READ_CHUNK // len(filler) + 1))
+        f.write(b"Dec  1 00:00:01 mx imapd[7]: Login user=a host=h [192.0.2.77]\n")
+    out = subprocess.run([RELAYGATE, "--store", "memory:", "watch-log", "--once",
+                          "--dry-run", str(log)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "192.0.2.77 user=a service=imap pattern=uw\n"
