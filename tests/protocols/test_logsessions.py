@@ -261,3 +261,24 @@ def test_windows_only_for_client_fields_of_real_shaped_lines(
                 opened.add(got.ip)
         opened |= {e.ip for e in tracker.due(float(i))}
     assert opened <= real
+
+
+def test_dovecot_submission_logins_keep_no_session() -> None:
+    # only imap and pop3 mail processes log a logout: a submission login's window just
+    # expires (it would otherwise be refreshed until max_session)
+    f = Feed()
+    assert f.ip("Jan  1 00:00:01 mx dovecot: submission-login: Login: user=<a>, "
+                "method=PLAIN, rip=192.0.2.1, lip=192.0.2.254, mpid=1", 0) == "192.0.2.1"
+    assert f.tracker.sessions == 0
+
+
+def test_max_session_setting() -> None:
+    import pytest
+
+    from relaygate.config import load_settings
+    from relaygate.errors import ConfigError
+
+    assert load_settings(cli={}).logwatch.max_session == 12 * 3600
+    assert load_settings(cli={"logwatch.max_session": "0"}).logwatch.max_session == 0
+    with pytest.raises(ConfigError, match="max_session"):
+        load_settings(cli={"logwatch.max_session": "-1"})

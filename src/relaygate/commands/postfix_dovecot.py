@@ -206,6 +206,8 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         raise click.UsageError("give FILE... to watch (or --test FILE)")
     if test_file is not None and files:
         raise click.UsageError("--test FILE reads only FILE: give no other FILE")
+    if test_file is not None and fmt == "journal-export":
+        raise click.UsageError("--test reads text lines: feed it journalctl -o short-iso")
     setup_logging(settings.log_format, settings.log_level)
     chosen = builtins or settings.logwatch.builtins
     if "none" in chosen:

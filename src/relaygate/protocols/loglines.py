@@ -715,8 +715,12 @@ def event_of(pattern: Pattern, record: LogRecord, m: re.Match[bytes]) -> LogEven
     elif family == "uw":
         key = ((family, record.tag, record.pid) if record.pid is not None
                else (family, record.tag, user or "", ip or ""))
+    # Only IMAP and POP3 mail processes log the logout that ends a Dovecot session
+    # (submission and managesieve logins would stay "open" until max_session).
+    sessions = pattern.sessions and (service in ("imap", "pop3") or family not in (
+        "dovecot", "dovecot-log"))
     return LogEvent(pattern.kind, pattern.name, family, ip, user, domain, service, key, sid,
-                    pattern.sessions)
+                    sessions)
 
 
 # -- line and journald framing -------------------------------------------------
