@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "init": "relaygate.commands.serve:init",
     "status": "relaygate.commands.serve:status",
     "policyd": "relaygate.commands.postfix_dovecot:policyd",
+    "socketmap": "relaygate.commands.postfix_dovecot:socketmap",
     "dovecot-postlogin": "relaygate.commands.postfix_dovecot:dovecot_postlogin",
     "watch-log": "relaygate.commands.postfix_dovecot:watch_log",
     "doctor": "relaygate.commands.postfix_dovecot:doctor",

@@ -87,6 +87,8 @@ DESCRIPTIONS: dict[str, str] = {
     "queue.connect_timeout": "Seconds to connect to a remote MX.",
     "queue.postmaster": "Sender of bounces and recipient of double bounces.",
     "policy.listen": "Postfix policy service listeners (HOST:PORT or unix:PATH); [] = off.",
+    "socketmap.listen": "Socketmap listeners for Sendmail and Postfix (HOST:PORT or "
+                        "unix:PATH); [] = off.",
     "metrics.listen": "Prometheus scrape listener HOST:PORT (GET /metrics); empty = off.",
 }
 
@@ -267,6 +269,7 @@ SERVE_FLAGS: dict[str, str] = {
     "smtp.listen": "--smtp", "smtp.submission": "--submission", "smtp.smtps": "--smtps",
     "pop3.listen": "--pop3", "pop3.listen_tls": "--pop3s", "imap.listen": "--imap",
     "imap.listen_tls": "--imaps", "policy.listen": "--policy", "metrics.listen": "--metrics",
+    "socketmap.listen": "--socketmap",
 }
 
 
