@@ -3,7 +3,8 @@
 Subcommands live in ``relaygate.commands.*`` and are imported only when run
 (a lazy click group), so ``relaygate check`` does not pay for the SMTP server.
 Group options (``--store``, ``--data-dir``, ``--config``, ``--envdir``,
-``--expiry``, ``--rules``, ``--log-format``) apply to every subcommand.
+``--expiry``, ``--rules``, ``--log-format``, ``--log-file``, ``--syslog``)
+apply to every subcommand.
 
 Exit codes: 0 success; 1 a negative answer (``check``: deny); 2 usage error;
 111 temporary failure (store unreachable, configuration error), as qmail does.
@@ -79,6 +80,13 @@ class LazyGroup(click.Group):
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
               help="Static rules file (tcprules syntax and CIDR lines).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format.")
+@click.option("--log-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Long-running commands (serve, policyd, smtpd, watch-log...) log to FILE "
+                   "instead of stderr, each line with an ISO time; reopened on SIGHUP and "
+                   "when logrotate moves it (also $RELAYGATE_LOG_FILE).")
+@click.option("--syslog", is_flag=True, default=None,
+              help="Long-running commands log to syslog (/dev/log, facility mail) instead "
+                   "of stderr.")
 @click.version_option(package_name="relaygate")
 @click.pass_context
 def main(ctx: click.Context, /, **options: Any) -> None:

@@ -160,6 +160,9 @@ class LogwatchSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str | None = None
+    #: the HTML status page at / of the metrics listener: "loopback" (only when the listener
+    #: is on a loopback address or a UNIX socket), "always" or "off"
+    status_page: str = "loopback"
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,13 @@ class Settings:
     hostname: str = ""
     log_format: str = "text"
     log_level: str = "info"
+    #: write log lines to this file (ISO time on each text line; reopened on SIGHUP and
+    #: when logrotate moves it) instead of stderr
+    log_file: Path | None = None
+    #: log to the local syslog socket (facility mail) instead of stderr
+    syslog: bool = False
+    #: the syslog socket --syslog writes to
+    syslog_socket: str = "/dev/log"
     log_ips: bool = False
     sender_binding: bool = False
     #: IPv6 clients share per-address limits (connections, login failures) per this prefix
@@ -225,6 +235,7 @@ ENV_VARS: dict[str, str] = {
     "RELAYGATE_HOSTNAME": "hostname",
     "RELAYGATE_LOG_FORMAT": "log_format",
     "RELAYGATE_LOG_LEVEL": "log_level",
+    "RELAYGATE_LOG_FILE": "log_file",
 }
 
 #: envdir variables (relay-ctrl's) and the settings they set.
@@ -238,6 +249,7 @@ ENVDIR_VARS: dict[str, str] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "log_format": ("text", "json"),
     "log_level": ("debug", "info", "warning", "error"),
+    "metrics.status_page": ("loopback", "always", "off"),
 }
 _POSITIVE = {
     "expiry", "age_interval", "shutdown_grace", "smtp.max_message_size", "smtp.max_recipients",

@@ -43,6 +43,15 @@ DESCRIPTIONS: dict[str, str] = {
     "hostname": "This host's name in greetings and Received: lines. Empty: the system's name.",
     "log_format": "Log line format: text (syslog/journald/multilog) or json.",
     "log_level": "debug, info, warning or error.",
+    "log_file": "Write log lines to this file instead of stderr, each text line with an ISO 8601 "
+                "time; reopened on SIGHUP and when logrotate moves it (also the group option "
+                "--log-file, before the subcommand).",
+    "syslog": "Log to the local syslog socket, facility mail, instead of stderr (also the group "
+              "option --syslog).",
+    "syslog_socket": "The syslog socket syslog = true writes to.",
+    "metrics.status_page": "The HTML status page at / of the metrics listener: \"loopback\" "
+                           "(only when the listener is on a loopback address or a UNIX socket; "
+                           "elsewhere / answers the metrics), \"always\" or \"off\".",
     "log_ips": "Log client addresses in relay-ctrl style chain programs.",
     "sender_binding": "A window opened by alice relays only mail from alice's addresses.",
     "ipv6_prefix": "IPv6 clients are counted per network of this prefix length (32-128) for "
@@ -50,7 +59,8 @@ DESCRIPTIONS: dict[str, str] = {
     "user": "serve: after binding the listeners as root, run as this user.",
     "group": "serve: group to run as (default: the user's primary group).",
     "age_interval": "serve: seconds between removals of expired windows.",
-    "shutdown_grace": "serve: seconds transactions in flight may take to finish after SIGTERM.",
+    "shutdown_grace": "serve and every service command: seconds transactions in flight may "
+                      "take to finish after SIGTERM.",
     "tls.cert": "PEM certificate chain; enables STARTTLS/STLS and the implicit-TLS listeners "
                 "(reloaded on SIGHUP).",
     "tls.key": "PEM private key for tls.cert (reloaded on SIGHUP).",

@@ -7,14 +7,28 @@
 and with ``--log-format json`` one JSON object per line. Values are quoted
 when they contain spaces or quotes, and control characters are escaped, so a
 client cannot forge a log line (e.g. through a MAIL FROM address).
+
+Where lines go (:func:`configure_logging`, the one set-up every command uses):
+stderr by default (journald, multilog and syslog add the time); with
+``--log-file FILE`` to that file, each text line starting with an ISO 8601
+time, the file reopened when logrotate moves it (its inode changes) and on
+SIGHUP (:func:`reopen_log_files`); with ``--syslog`` to the local syslog
+socket, facility mail, as every MTA logs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
+import socket
 import sys
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relaygate.config import Settings
 
 _LOGGER = logging.getLogger("relaygate.events")
 
@@ -52,6 +66,51 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class TimestampedFormatter(TextFormatter):
+    """Text lines for a log file: an ISO 8601 local time with offset in front
+    (``2026-12-02T00:41:07.123+00:00 relaygate[4711]: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{iso_time(record.created)} {super().format(record)}"
+
+
+def iso_time(t: float) -> str:
+    """``2026-12-02T00:41:07.123+00:00``: local time, milliseconds, UTC offset."""
+    lt = time.localtime(t)
+    off = lt.tm_gmtoff
+    sign = "+" if off >= 0 else "-"
+    off = abs(off)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", lt) + f".{int(t * 1000) % 1000:03d}"
+            f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}")
+
+
+class LogFile(logging.handlers.WatchedFileHandler):
+    """A log file that follows logrotate: reopened when its inode changes (checked before
+    each line, by WatchedFileHandler) and on SIGHUP (:meth:`reopen`)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.flush()
+                self.stream.close()
+            self.stream = self._open()
+            self._statstream()
+        finally:
+            self.release()
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """Syslog, facility mail; a message the socket refuses is dropped, not raised."""
+
+    def __init__(self, address: str) -> None:
+        # SysLogHandler defers a failed connect to the first line; say it at start instead
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+        super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL,
+                         socktype=socket.SOCK_DGRAM)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -71,17 +130,69 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=True)
 
 
-def setup_logging(fmt: str = "text", level: str = "info") -> None:
-    """Route every relaygate logger to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+class LogSetupError(Exception):
+    """The log file or the syslog socket cannot be opened (the message says which)."""
+
+
+def setup_logging(fmt: str = "text", level: str = "info", *, file: str | os.PathLike[str] |
+                  None = None, syslog: str | None = None) -> None:
+    """Route every relaygate logger to stderr (or ``file``, or the ``syslog`` socket)
+    in the chosen format. Raises LogSetupError when the file or socket cannot be opened."""
+    handlers: list[logging.Handler] = []
+    if file is not None:
+        try:
+            lf = LogFile(os.fspath(file), encoding="utf-8")
+        except OSError as exc:
+            raise LogSetupError(f"cannot open the log file {os.fspath(file)}: "
+                                f"{exc.strerror or exc}") from None
+        lf.setFormatter(JsonFormatter() if fmt == "json" else TimestampedFormatter())
+        handlers.append(lf)
+    if syslog is not None:
+        try:
+            sh = SyslogHandler(syslog)
+        except OSError as exc:
+            raise LogSetupError(f"cannot reach syslog at {syslog}: "
+                                f"{exc.strerror or exc}") from None
+        # syslog adds the time and host; the tag is relaygate[PID]
+        sh.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+        handlers.append(sh)
+    if not handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+        handlers.append(handler)
     root = logging.getLogger("relaygate")
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        if isinstance(old, (LogFile, SyslogHandler)):
+            old.close()
+    root.handlers[:] = handlers
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     root.propagate = False
     # aiosmtpd's own logger warns about what clients send ("unrecognised: <their
     # bytes>", raw, to stderr); relaygate logs what matters about clients itself.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+def configure_logging(settings: Settings) -> None:
+    """:func:`setup_logging` from the settings (``log_format``, ``log_level``,
+    ``log_file``, ``syslog``); the one call every command makes. A log file or
+    syslog socket that cannot be opened is a ConfigError (exit 111)."""
+    from relaygate.errors import ConfigError
+
+    try:
+        setup_logging(settings.log_format, settings.log_level, file=settings.log_file,
+                      syslog=settings.syslog_socket if settings.syslog else None)
+    except LogSetupError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def reopen_log_files() -> bool:
+    """SIGHUP: reopen relaygate's log files (after logrotate); True when there is one."""
+    found = False
+    for handler in logging.getLogger("relaygate").handlers:
+        if isinstance(handler, LogFile):
+            handler.reopen()
+            found = True
+    return found
 
 
 def duration(seconds: float, *, minutes_in_hours: bool = False) -> str:

@@ -13,7 +13,12 @@ they meet in the data directory:
   the store it uses, the last warnings and errors it logged;
 - ``status`` reads that file, checks that the pid in it is alive, and reads
   the grant store and the queue directory itself, so windows and queue are
-  shown whether or not serve is running.
+  shown whether or not serve is running;
+- every long-running relaygate process (serve, policyd, socketmap, smtpd,
+  pop3d, imapd, queue run, watch-log) records itself under ``run/`` in the
+  data directory (:mod:`relaygate.processes`); ``status`` lists them all with
+  their listeners and configuration, so the Postfix+Dovecot deployment
+  (policyd alone) is seen as running too.
 
 Nothing here talks to the network or to serve's sockets.
 """
@@ -195,12 +200,46 @@ def _ago(seconds: float) -> str:
     return duration(seconds, minutes_in_hours=True)
 
 
+def _process_lines(report: dict[str, Any], now: float) -> list[str]:
+    lines: list[str] = []
+    for p in report.get("processes") or []:
+        cmd = p.get("command", "?")
+        started = p.get("started_at")
+        up = f", up {_ago(now - started)}" if isinstance(started, (int, float)) else ""
+        if p.get("state") == "stale":
+            lines.append(f"{cmd}: pid {p.get('pid')} gone without a clean stop "
+                         f"(stale record {p.get('file')})")
+            continue
+        lines.append(f"{cmd}: running, pid {p.get('pid')}{up}")
+        for svc in p.get("services") or []:
+            addrs = ", ".join(svc.get("listeners") or []) or "(no listeners)"
+            lines.append(f"  {svc.get('name', '?'):<12} {addrs}")
+        cfg = p.get("config") or {}
+        if cfg.get("store") and cfg.get("store") != (report.get("store") or {}).get("url"):
+            lines.append(f"  store: {cfg['store']}")
+        if cfg.get("rules_file"):
+            lines.append(f"  rules: {cfg['rules_file']}")
+    return lines
+
+
+def any_running(report: dict[str, Any]) -> bool:
+    """True when serve or any other relaygate process of this data directory runs."""
+    if (report.get("serve") or {}).get("state") in ("running", "stale"):
+        return True
+    return any(p.get("state") == "running" for p in report.get("processes") or [])
+
+
 def render_text(report: dict[str, Any], now: float) -> str:
     """The human form of a report built by ``relaygate status``."""
     lines: list[str] = []
     serve = report.get("serve") or {}
     state = serve.get("state", "never")
-    if state == "running" or state == "stale":
+    others = [p for p in report.get("processes") or [] if p.get("command") != "serve"]
+    if state not in ("running", "stale") and any(p.get("state") == "running" for p in others):
+        # another deployment (policyd, watch-log...): serve is not expected to run
+        lines += _process_lines({**report, "processes": others}, now)
+        state = "other"
+    elif state == "running" or state == "stale":
         started = serve.get("started_at")
         up = f", up {_ago(now - started)}" if isinstance(started, (int, float)) else ""
         note = " (not refreshing its status: stuck?)" if state == "stale" else ""
@@ -211,11 +250,18 @@ def render_text(report: dict[str, Any], now: float) -> str:
                         if isinstance(serve.get("updated_at"), (int, float)) else ""))
     else:
         lines.append("serve: not running (never started on this data directory)")
-    lines.append(f"data directory: {report.get('data_dir')}")
     if state in ("running", "stale"):
         for svc in serve.get("services", []):
             addrs = ", ".join(svc.get("listeners") or []) or "(no listeners)"
             lines.append(f"  {svc.get('name', '?'):<12} {addrs}")
+        cfg = serve.get("config") or {}
+        if cfg.get("rules_file"):
+            lines.append(f"  rules: {cfg['rules_file']}")
+        if state == "running" or state == "stale":
+            lines += _process_lines({**report, "processes": others}, now)
+    elif state != "other":
+        lines += _process_lines({**report, "processes": others}, now)
+    lines.append(f"data directory: {report.get('data_dir')}")
     store = report.get("store", {})
     note = ""
     if store.get("error"):
@@ -284,7 +330,14 @@ def build_report(
                     "metrics", "store_ok"):
             if key in doc:
                 serve[key] = doc[key]
-    report: dict[str, Any] = {"serve": serve, "data_dir": str(data_dir.absolute())}
+    from relaygate.processes import processes
+
+    procs = processes(data_dir)
+    for p in procs:
+        if p.get("command") == "serve" and p.get("pid") == serve.get("pid"):
+            serve["config"] = p.get("config")
+    report: dict[str, Any] = {"serve": serve, "data_dir": str(data_dir.absolute()),
+                              "processes": procs}
     store: dict[str, Any] = {"url": redact_url(store_url)}
     report["store"] = store
     if store_url.startswith("memory:"):

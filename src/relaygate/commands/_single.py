@@ -51,12 +51,12 @@ async def run_login_service(prog: str, settings: Any, make_service: Callable[[An
     """``pop3d``/``imapd``: the store, the users and one login service."""
     from relaygate.context import Context
     from relaygate.errors import ConfigError
-    from relaygate.log import setup_logging
+    from relaygate.log import configure_logging
     from relaygate.mail.accounts.db import UserDBError, open_directory
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
 
-    setup_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     try:
         control = build_control(settings)
         directory = open_directory(settings)

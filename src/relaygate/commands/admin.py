@@ -23,8 +23,14 @@ def _ip(value: str) -> str:
 
 
 def _control(ctx: click.Context, *, create: bool = False) -> Any:
-    """The relay control; read-only commands (``create`` False) never create a store."""
-    settings = settings_from(ctx)
+    """The relay control; read-only commands (``create`` False) never create a store.
+
+    The rules file (and the store, when none is given) are those of the relaygate
+    server running on the same data directory, so ``check`` answers as it does.
+    """
+    from relaygate.processes import adopt
+
+    settings, _ = adopt(settings_from(ctx))
     if not create:
         require_store(settings)
     return build_control(settings)

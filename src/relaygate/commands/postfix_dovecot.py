@@ -74,12 +74,12 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
             policy=dataclasses.replace(settings.policy, listen=("127.0.0.1:10040",)))
     from relaygate.commands._single import run_services
     from relaygate.context import Context
-    from relaygate.log import setup_logging
+    from relaygate.log import configure_logging
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
     from relaygate.servers.policy import make_service
 
-    setup_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     control = build_control(settings)
     context = Context(settings, control, Metrics())
     try:
@@ -140,12 +140,12 @@ def socketmap(ctx: click.Context, listen: tuple[str, ...], value: str | None,
     from relaygate.commands._single import run_services
     from relaygate.context import Context
     from relaygate.errors import ConfigError
-    from relaygate.log import setup_logging
+    from relaygate.log import configure_logging
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
     from relaygate.servers.socketmap import make_service
 
-    setup_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     control = build_control(settings)
     try:
         context = Context(settings, control, Metrics())
@@ -261,7 +261,7 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
     })
     from relaygate.errors import ConfigError
     from relaygate.integrations.logwatch import LogWatcher, window_opener
-    from relaygate.log import setup_logging
+    from relaygate.log import configure_logging
     from relaygate.protocols.loglines import LoginEvent, LoginMatcher
 
     if test_file is None and not files:
@@ -270,7 +270,7 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         raise click.UsageError("--test FILE reads only FILE: give no other FILE")
     if test_file is not None and fmt == "journal-export":
         raise click.UsageError("--test reads text lines: feed it journalctl -o short-iso")
-    setup_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     chosen = builtins or settings.logwatch.builtins
     if "none" in chosen:
         chosen = ()
@@ -301,15 +301,30 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         if once:
             rc = watcher.run_once()
         else:
+            from relaygate.log import event, reopen_log_files
+            from relaygate.processes import recorded
+
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
                 signal.signal(signal.SIGINT, lambda *_: watcher.stop())
-            log.info("watching %s", ", ".join(files))
-            rc = watcher.run()
+                # SIGHUP (logrotate's postrotate) reopens --log-file instead of killing us
+                signal.signal(signal.SIGHUP, lambda *_: reopen_log_files())
+            with recorded(settings, "watch-log",
+                          [{"name": "watch-log", "listeners": list(files)}]):
+                event("watch-log.started", pid=os.getpid(), files=",".join(files),
+                      store=None if dry_run else _redacted(settings))
+                rc = watcher.run()
+                event("watch-log.stopped", pid=os.getpid())
     finally:
         if store is not None:
             store.close()
     ctx.exit(rc)
+
+
+def _redacted(settings: object) -> str:
+    from relaygate.stores import redact_url
+
+    return redact_url(str(getattr(settings, "store_url", "")))
 
 
 def _run_tester(path: str, matcher: LoginMatcher, fmt: str) -> None:

@@ -44,7 +44,9 @@ log = logging.getLogger("relaygate.queue")
 
 
 def _open(ctx: click.Context) -> tuple[Settings, Queue]:
-    settings = settings_from(ctx)
+    from relaygate.processes import adopt
+
+    settings, _ = adopt(settings_from(ctx))  # the running server's configuration
     return settings, Queue(settings.data_dir / "queue")
 
 
@@ -402,13 +404,13 @@ def run(ctx: click.Context, once: bool, grace: float | None) -> None:
     `relaygate serve` (or another `queue run`) is delivering from it.
     """
     from relaygate.context import Context
-    from relaygate.log import setup_logging
+    from relaygate.log import configure_logging
     from relaygate.mail.delivery.worker import make_worker
     from relaygate.metrics import Metrics
     from relaygate.servers.runtime import Runtime
 
     settings = settings_from(ctx)
-    setup_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     q = Queue(settings.data_dir / "queue")
     context = Context(settings, _control(settings), Metrics(), _directory(settings), q)
     worker = make_worker(context)

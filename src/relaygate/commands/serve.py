@@ -150,16 +150,19 @@ def init(path: str, force: bool, reference: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show serve's services and listeners, open windows, the queue and recent errors.
+    """Show the relaygate processes of the data directory (serve, policyd, socketmap,
+    watch-log...) with their listeners and configuration, open windows, the queue and
+    recent errors.
 
-    Works whether or not serve is running (it says which). Exit status: 0 when
-    serve is running, 1 when it is not.
+    Works whether or not anything runs (it says which). Exit status: 0 when serve
+    or another relaygate process of this data directory runs, 1 when none does.
     """
     from relaygate.errors import RelaygateError
+    from relaygate.processes import adopt
     from relaygate.runtime import build_control, require_store
-    from relaygate.status import build_report, render_text
+    from relaygate.status import any_running, build_report, render_text
 
-    settings = settings_from(ctx)
+    settings, _ = adopt(settings_from(ctx))
     now = time.time()
     data_dir: Path = settings.data_dir
     control = None
@@ -198,4 +201,4 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(report, sort_keys=True, default=str))
     else:
         click.echo(render_text(report, now))
-    ctx.exit(0 if report["serve"]["state"] in ("running", "stale") else 1)
+    ctx.exit(0 if any_running(report) else 1)

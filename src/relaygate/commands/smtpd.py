@@ -87,9 +87,9 @@ def smtpd(ctx: click.Context, /, **opts: Any) -> None:
         "log_level": opts["log_level"],
     }
     settings = settings_from(ctx, **overrides)
-    from relaygate.log import setup_logging
+    from relaygate.log import configure_logging
 
-    setup_logging(settings.log_format, settings.log_level)
+    configure_logging(settings)
     if settings.log_level != "debug":
         # aiosmtpd logs every command line at INFO; keep only its warnings.
         logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -88,10 +88,12 @@ from relaygate.protocols.policy import (
     Ask,
     PolicyProtocolError,
     PolicyReader,
+    PolicyRequest,
     action_for,
     format_answer,
     triage,
 )
+from relaygate.relaylog import relayed
 from relaygate.servers.listeners import LISTEN_BACKLOG, Listen, Listener, parse_listen
 from relaygate.stores.base import GrantStore
 from relaygate.stores.sqlite import SqliteReader, SqliteStore
@@ -136,6 +138,8 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.requests = 0
+        #: the request being answered (its sender, recipient... go into the relayed log)
+        self.request: PolicyRequest | None = None
         #: answers not written yet: the service writes them at the end of the loop
         #: iteration (:meth:`PolicyService.queue_output`), all of a connection's at once
         self.out: list[bytes] = []
@@ -216,6 +220,7 @@ class _PolicyConnection(asyncio.BufferedProtocol):
                     self.close()
                 return
             self.requests += 1
+            self.request = request
             what = triage(request)
             if isinstance(what, Answer):
                 self._reply_other(what)
@@ -253,8 +258,12 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         verdict = decision.verdict
         if verdict is Verdict.ALLOW:
             if _EVENTS.isEnabledFor(logging.INFO):
-                event("relay.decision", service="policy", ip=ip, action=action,
-                      reason=decision.reason, user=decision.user)
+                got = self.request.fields if self.request is not None else {}
+                relayed(self.service.ctx, service="policy", basis=decision.kind,
+                        user=decision.user, ip=ip, sender=_text(got.get(b"sender")),
+                        recipients=[r for r in (_text(got.get(b"recipient")),) if r],
+                        helo=_text(got.get(b"helo_name")),
+                        queue_id=_text(got.get(b"queue_id")), reason=decision.reason)
         elif verdict is Verdict.TEMPFAIL:
             # RelayControl has warned (once, then every few seconds): not per request.
             if _EVENTS.isEnabledFor(logging.INFO):
@@ -579,8 +588,6 @@ class PolicyService:
         except BaseException:
             await self.stop(0)
             raise
-        for listener in self._listeners:
-            log.info("%s service listening on %s", self.name, listener)
         self._sweep()
 
     def _sweep(self) -> None:
@@ -646,6 +653,11 @@ class PolicyService:
         if self.decider is not None:
             self.decider.close()
         self.add_tally()
+
+
+def _text(raw: bytes | None) -> str | None:
+    """An attribute value for the log (its escaping keeps a client from forging lines)."""
+    return raw.decode("utf-8", "replace") if raw else None
 
 
 def make_service(ctx: Context) -> PolicyService:

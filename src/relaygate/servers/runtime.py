@@ -16,7 +16,14 @@
   and whatever each service reads itself (``Service.reload``). A file that
   cannot be loaded is logged and the old one kept: a reload never stops a
   process;
-- **status**: :meth:`Runtime.status` lists each service and its listeners.
+- **status**: :meth:`Runtime.status` lists each service and its listeners;
+  once started, the process records itself in the data directory
+  (``run/NAME-PID.json``: pid, command, listeners, effective configuration;
+  :mod:`relaygate.processes`), where ``relaygate status`` and the admin
+  commands find it; a clean stop removes the record;
+- **logs**: ``NAME.listening service=... address=...`` for each listener and
+  ``NAME.started`` once all listen, ``NAME.stopped`` at the end, in the
+  same event format for every command.
 
 ``serve`` adds what only it does around this (privileges, the lock, the
 status file, aging; see :mod:`relaygate.servers.serve`).
@@ -26,14 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from relaygate.config import Settings
 from relaygate.errors import ConfigError, RelaygateError
-from relaygate.log import event
+from relaygate.log import event, reopen_log_files
+from relaygate.processes import ProcessRecord
 from relaygate.rules import RuleSet
 from relaygate.servers.listeners import reload_certificate
+from relaygate.stores import redact_url
 
 if TYPE_CHECKING:
     from relaygate.context import Context
@@ -73,6 +84,8 @@ class Runtime:
         self._hurry = asyncio.Event()
         #: SIGHUP reloads in progress (a reference, so the tasks are not collected)
         self._reloads: set[asyncio.Task[list[str]]] = set()
+        #: this process's record in the data directory while it runs
+        self.record: ProcessRecord | None = None
 
     def attach(self, ctx: Context, services: Sequence[Service]) -> None:
         self.ctx = ctx
@@ -125,6 +138,23 @@ class Runtime:
             await _stop_all(self.started, 0.0)
             self.started.clear()
             raise
+        self._announce()
+
+    def _announce(self) -> None:
+        """Log each listener and the start, and record this process in the data directory."""
+        for svc in self.services:
+            for kind, addr in listening(svc):
+                event(f"{self.name}.listening", service=kind, address=addr)
+        settings = getattr(self.ctx, "settings", None)
+        if not isinstance(settings, Settings):
+            event(f"{self.name}.started", pid=os.getpid())
+            return
+        event(f"{self.name}.started", pid=os.getpid(),
+              data_dir=str(settings.data_dir.absolute()), store=redact_url(settings.store_url),
+              rules=str(settings.rules_file) if settings.rules_file is not None else None,
+              domains=",".join(settings.local_domains))
+        self.record = ProcessRecord(settings, self.name)
+        self.record.write(self.status())
 
     async def wait(self) -> None:
         """Until a stop is requested."""
@@ -132,10 +162,19 @@ class Runtime:
 
     async def shutdown(self) -> None:
         """Stop listening services, then quiet ones, each group within the grace period."""
+        try:
+            await self._shutdown()
+        finally:
+            if self.record is not None:
+                self.record.remove()
+                self.record = None
+                event(f"{self.name}.stopped", pid=os.getpid())
+
+    async def _shutdown(self) -> None:
         started, self.started = self.started, []
-        listening = [s for s in started if s.listeners()]
+        with_listeners = [s for s in started if s.listeners()]
         quiet = [s for s in started if not s.listeners()]
-        for group in (listening, quiet):
+        for group in (with_listeners, quiet):
             if not group:
                 continue
             job = asyncio.ensure_future(_stop_all(group, self.grace))
@@ -166,6 +205,8 @@ class Runtime:
             return []
         s = ctx.settings
         done: list[str] = []
+        if reopen_log_files():
+            done.append("log")
         if s.rules_file is not None:
             try:
                 rules = await asyncio.to_thread(RuleSet.load, s.rules_file)
@@ -209,3 +250,16 @@ def addresses(svc: Service) -> list[str]:
     """A service's listener addresses without the service name some put in front."""
     prefix = f"{svc.name} "
     return [a[len(prefix):] if a.startswith(prefix) else a for a in svc.listeners()]
+
+
+def listening(svc: Service) -> list[tuple[str, str]]:
+    """(kind, address) of each listener: ``pop3s 127.0.0.1:1995`` of service pop3 is
+    kind ``pop3s``; an address without a kind in front is the service's own."""
+    out = []
+    for addr in addresses(svc):
+        kind, sep, rest = addr.partition(" ")
+        if sep and rest and kind.isalnum() and kind[:1].isalpha():
+            out.append((kind, rest))
+        else:
+            out.append((svc.name, addr))
+    return out

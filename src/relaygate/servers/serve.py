@@ -60,7 +60,7 @@ from relaygate.config import Settings
 from relaygate.context import Context
 from relaygate.errors import RelaygateError, StoreError
 from relaygate.interfaces import Service
-from relaygate.log import event, setup_logging
+from relaygate.log import configure_logging, event
 from relaygate.metrics import Metrics
 from relaygate.runtime import build_control
 from relaygate.servers.listeners import (
@@ -301,7 +301,7 @@ class Server:
     def run(self) -> int:
         """Start everything, serve until SIGTERM, return the exit code (0)."""
         if self._setup_log:
-            setup_logging(self.settings.log_format, self.settings.log_level)
+            configure_logging(self.settings)
         logging.getLogger("relaygate").addHandler(self.errors)
         try:
             self.prepare()
@@ -438,13 +438,22 @@ class Server:
         if self.settings.metrics.listen:
             from prometheus_client import ProcessCollector
 
-            from relaygate.servers.metrics_http import MetricsService
+            from relaygate.processes import processes
+            from relaygate.servers.metrics_http import (
+                MetricsService,
+                StatusPage,
+                status_page_allowed,
+            )
 
             # process_resident_memory_bytes, open fds, CPU seconds: what an operator graphs
             ProcessCollector(registry=ctx.metrics.registry)
-            services.append(MetricsService(
-                parse_listen(self.settings.metrics.listen, origin="metrics.listen"),
-                ctx.metrics.registry))
+            listen = parse_listen(self.settings.metrics.listen, origin="metrics.listen")
+            page = None
+            if status_page_allowed(listen, self.settings.metrics.status_page):
+                data_dir = self.settings.data_dir
+                page = StatusPage(ctx, errors=self.errors.items,
+                                  processes=lambda: processes(data_dir))
+            services.append(MetricsService(listen, ctx.metrics.registry, page=page))
         return services
 
     def _drop_privileges(self) -> None:
@@ -506,12 +515,6 @@ class Server:
             await runtime.shutdown()
             raise
         self.started_at = time.time()
-        for svc in self.services:
-            for kind, addr in _listening(svc):
-                event("serve.listening", service=kind, address=addr)
-        event("serve.started", pid=os.getpid(), data_dir=str(self.settings.data_dir.absolute()),
-              store=redact_url(self.settings.store_url),
-              domains=",".join(self.settings.local_domains))
         self._banner()
         tasks = [asyncio.create_task(self._aging_loop(), name="aging"),
                  asyncio.create_task(self._status_loop(), name="status")]
@@ -522,7 +525,6 @@ class Server:
         await asyncio.gather(*tasks, return_exceptions=True)
         await runtime.shutdown()
         self._write_status("stopped")
-        event("serve.stopped")
         return 0
 
     def request_stop(self) -> None:
@@ -632,19 +634,6 @@ class Server:
                 '    127.0.0.1:allow,RELAYCLIENT=""',
             ]
         self._announce("\n".join(lines))
-
-
-def _listening(svc: Service) -> list[tuple[str, str]]:
-    """(kind, address) of each listener: ``pop3s 127.0.0.1:1995`` of service pop3 is
-    kind ``pop3s``; an address without a kind in front is the service's own."""
-    out = []
-    for addr in addresses(svc):
-        kind, sep, rest = addr.partition(" ")
-        if sep and rest and kind.isalnum() and kind[:1].isalpha():
-            out.append((kind, rest))
-        else:
-            out.append((svc.name, addr))
-    return out
 
 
 def _version() -> str:

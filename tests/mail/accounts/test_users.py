@@ -130,6 +130,24 @@ async def test_failures_are_logged(db: UserDB, caplog: pytest.LogCaptureFixture)
     assert not any("nope" in line for line in lines)  # never the password
 
 
+async def test_a_failed_login_is_not_one_of_status_last_errors(db: UserDB) -> None:
+    """A wrong password is the client's doing: logged at info, not kept as a warning."""
+    from relaygate.status import ErrorRing
+
+    db.add("alice", "pw")
+    ring = ErrorRing()
+    events = logging.getLogger("relaygate.events")
+    events.addHandler(ring)
+    try:
+        with_level = events.level
+        events.setLevel(logging.INFO)
+        await db.authenticate("alice", "nope", "127.0.0.9", service="pop3")
+    finally:
+        events.setLevel(with_level)
+        events.removeHandler(ring)
+    assert ring.items() == []
+
+
 async def test_throttle_per_address_and_per_account(tmp_path: Path) -> None:
     db = make_db(tmp_path)
     db.add("alice", "pw-a")

@@ -413,7 +413,7 @@ class UserDB:
                       service: str | None, why: str) -> LoginResult:
         key = attempt.keys[1].removeprefix("acct:")
         tipped = attempt.failed()
-        event("login.failed", level=logging.WARNING, user=_loggable(login), ip=ip,
+        event("login.failed", level=logging.INFO, user=_loggable(login), ip=ip,
               service=service, reason=why)
         if tipped:
             event("login.throttled", level=logging.WARNING, user=_loggable(key), ip=ip,

@@ -77,6 +77,7 @@ from relaygate.protocols.smtp_address import (
     canonical_address,
     parse_mailbox,
 )
+from relaygate.relaylog import relayed
 from relaygate.servers.smtp.data import DataBudget, IncomingMessage, MessageFile, open_files
 
 if TYPE_CHECKING:
@@ -479,6 +480,10 @@ class RelayHandler:
         self._accepted.inc()
         if envelope.relayed:
             self._relayed.inc()
+            if authority is not None:
+                relayed(self.ctx, service="smtp", basis=authority.kind, user=authority.user,
+                        ip=state.shown_ip, sender=sender, recipients=list(envelope.relayed),
+                        helo=session.host_name, queue_id=queue_id, reason=authority.reason)
         if names:
             self._delivered.inc(len(names))
         return f"250 2.0.0 OK id={msgid}" + (f" queued as {queue_id}" if queue_id else "")
@@ -573,7 +578,7 @@ class RelayHandler:
         result = await directory.authenticate(login, password, state.ip or "127.0.0.1")
         if result.throttled:
             self.ctx.metrics.logins.labels("smtp", "throttled").inc()
-            event("login.failed", level=logging.WARNING, protocol="smtp", ip=state.shown_ip,
+            event("login.failed", level=logging.INFO, protocol="smtp", ip=state.shown_ip,
                   user=login, reason="throttled")
             state.policy_reply = True
             return AuthResult(success=False, handled=False, message=REPLY_AUTH_THROTTLED)
@@ -588,7 +593,7 @@ class RelayHandler:
     async def _fail(self, server: Any, login: bytes, why: str) -> AuthResult:
         state = _state(server)
         self.ctx.metrics.logins.labels("smtp", "failed").inc()
-        event("login.failed", level=logging.WARNING, protocol="smtp", ip=state.shown_ip,
+        event("login.failed", level=logging.INFO, protocol="smtp", ip=state.shown_ip,
               user=login.decode("utf-8", "replace")[:64], reason=why)
         return AuthResult(success=False, handled=False)
 

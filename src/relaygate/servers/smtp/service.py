@@ -471,7 +471,6 @@ class SmtpService:
             raise
         self.handler.retain()
         self._started = True
-        log.info("%s listening on %s", self.name, ", ".join(self.bound))
 
     def opened(self, proto: RelaySMTP) -> None:
         self.sessions.add(proto)
