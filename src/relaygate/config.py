@@ -128,6 +128,22 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class SocketmapSettings:
+    listen: tuple[str, ...] = ()
+    #: the value answered with OK for an address that may relay (Sendmail's rulesets see
+    #: it; OK is also a Postfix access(5) action, so check_client_access works as is)
+    value: str = "OK"
+    #: permissions of a UNIX socketmap socket (octal); the MTA must be able to write it
+    socket_mode: str = "0660"
+    #: group of a UNIX socketmap socket (e.g. smmsp or postfix); empty = the daemon's own
+    socket_group: str | None = None
+    #: seconds a socketmap connection may stay silent (Sendmail and Postfix reconnect)
+    idle_timeout: float = 600.0
+    #: threads running store lookups for redis and spool stores (as policy.threads)
+    threads: int = 1
+
+
+@dataclass(frozen=True)
 class LogwatchSettings:
     #: extra login-line patterns NAME=REGEX (group ip, optional user), matched on TAG[PID]: MESSAGE
     patterns: tuple[str, ...] = ()
@@ -160,6 +176,8 @@ class Settings:
     log_level: str = "info"
     log_ips: bool = False
     sender_binding: bool = False
+    #: IPv6 clients share per-address limits (connections, login failures) per this prefix
+    ipv6_prefix: int = 64
     user: str | None = None
     group: str | None = None
     #: seconds between aging runs in ``serve``
@@ -173,6 +191,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    socketmap: SocketmapSettings = field(default_factory=SocketmapSettings)
     logwatch: LogwatchSettings = field(default_factory=LogwatchSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
@@ -226,6 +245,7 @@ _POSITIVE = {
     "auth.throttle_window", "auth.throttle_lockout", "queue.lifetime", "queue.concurrency",
     "queue.per_destination", "queue.connect_timeout", "queue.command_timeout",
     "policy.idle_timeout", "policy.threads", "logwatch.interval",
+    "socketmap.idle_timeout", "socketmap.threads",
 }
 
 #: lower bounds above zero, with why
@@ -289,6 +309,15 @@ def _build(layers: Mapping[str, _Value]) -> Settings:
         top["domains"] = tuple(_domain(d, layers["domains"]) for d in top["domains"])
     if top.get("store"):
         _store_url(top["store"], layers["store"])
+    if "ipv6_prefix" in top:
+        from relaygate.addresses import check_ipv6_prefix
+
+        try:
+            check_ipv6_prefix(top["ipv6_prefix"])
+        except ValueError as exc:
+            v = layers["ipv6_prefix"]
+            raise ConfigError(f"ipv6_prefix: {exc}", source=v.source, line=v.line,
+                              value=v.value) from None
     settings = Settings(**top)
     if (settings.tls.cert is None) != (settings.tls.key is None):
         src = layers.get("tls.cert") or layers.get("tls.key")
@@ -348,6 +377,13 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             if s in ("", "0", "no", "false", "off"):
                 return False
         raise bad("expected true or false")
+    if key == "expiry":  # one reader of window lengths everywhere (relaygate.expiry)
+        from relaygate.expiry import parse_expiry
+
+        try:
+            return float(parse_expiry(raw))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     if tp in (int, float):
         if isinstance(raw, bool):
             raise bad("expected a number")

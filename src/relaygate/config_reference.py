@@ -31,8 +31,10 @@ DESCRIPTIONS: dict[str, str] = {
                "Empty: the host name.",
     "rcpthosts_file": "A qmail rcpthosts file whose domains are local too.",
     "store": "Grant store URL: sqlite:///PATH, spool:///DIR (relay-ctrl), "
-             "redis://HOST:PORT/DB (several hosts), memory:. Empty: SQLite in the data directory.",
-    "expiry": "Seconds a login keeps the relay window of its address open.",
+             "redis://HOST:PORT/DB (several hosts; redis+sentinel://, redis+cluster://), memory:. "
+             "Empty: SQLite in the data directory.",
+    "expiry": "Seconds a login keeps the relay window of its address open: a whole number "
+              "from 1 to 31536000 (also RELAY_CTRL_EXPIRY in an envdir).",
     "relayclient": "RELAYCLIENT value a window grants (appended to each recipient; "
                    "empty = plain relay).",
     "rules_file": "Static rules (tcprules syntax and CIDR), e.g. 127.0.0.1:allow,RELAYCLIENT=\"\".",
@@ -43,6 +45,8 @@ DESCRIPTIONS: dict[str, str] = {
     "log_level": "debug, info, warning or error.",
     "log_ips": "Log client addresses in relay-ctrl style chain programs.",
     "sender_binding": "A window opened by alice relays only mail from alice's addresses.",
+    "ipv6_prefix": "IPv6 clients are counted per network of this prefix length (32-128) for "
+                   "connection limits and login throttling; relay windows stay per address.",
     "user": "serve: after binding the listeners as root, run as this user.",
     "group": "serve: group to run as (default: the user's primary group).",
     "age_interval": "serve: seconds between removals of expired windows.",
@@ -84,6 +88,8 @@ DESCRIPTIONS: dict[str, str] = {
     "queue.connect_timeout": "Seconds to connect to a remote MX.",
     "queue.postmaster": "Sender of bounces and recipient of double bounces.",
     "policy.listen": "Postfix policy service listeners (HOST:PORT or unix:PATH); [] = off.",
+    "socketmap.listen": "Socketmap listeners for Sendmail and Postfix (HOST:PORT or "
+                        "unix:PATH); [] = off.",
     "metrics.listen": "Prometheus scrape listener HOST:PORT (GET /metrics); empty = off.",
 }
 
@@ -259,11 +265,12 @@ SERVE_FLAGS: dict[str, str] = {
     "data_dir": "--data-dir", "domains": "--domain", "store": "--store", "expiry": "--expiry",
     "rules_file": "--rules", "smtproutes_file": "--smtproutes", "log_format": "--log-format",
     "log_level": "--log-level", "user": "--user", "group": "--group",
-    "hostname": "--hostname",
+    "hostname": "--hostname", "ipv6_prefix": "--ipv6-prefix",
     "tls.cert": "--tls-cert", "tls.key": "--tls-key",
     "smtp.listen": "--smtp", "smtp.submission": "--submission", "smtp.smtps": "--smtps",
     "pop3.listen": "--pop3", "pop3.listen_tls": "--pop3s", "imap.listen": "--imap",
     "imap.listen_tls": "--imaps", "policy.listen": "--policy", "metrics.listen": "--metrics",
+    "socketmap.listen": "--socketmap",
 }
 
 

@@ -47,6 +47,9 @@ def _listen_option(name: str, what: str, default: str) -> Callable[[F], F]:
 @click.option("--policy", multiple=True, metavar="HOST:PORT",
               help="Postfix policy service listener (HOST:PORT or unix:PATH, repeatable; "
                    "default off).")
+@click.option("--socketmap", multiple=True, metavar="HOST:PORT",
+              help="Socketmap listener for Sendmail and Postfix (HOST:PORT or unix:PATH, "
+                   "repeatable; default off).")
 @click.option("--store", metavar="URL",
               help="Grant store URL (default SQLite in the data directory; redis://HOST:PORT/DB "
                    "to share windows between hosts).")
@@ -65,6 +68,9 @@ def _listen_option(name: str, what: str, default: str) -> Callable[[F], F]:
               help="Log level (default info).")
 @click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@click.option("--ipv6-prefix", metavar="BITS",
+              help="Count IPv6 clients per network of this prefix for connection limits and "
+                   "login throttling (default 64).")
 @click.pass_context
 def serve(ctx: click.Context, /, **opts: Any) -> None:
     """Run SMTP, submission, POP3, IMAP, the queue and window aging in one process.
@@ -97,6 +103,7 @@ def serve(ctx: click.Context, /, **opts: Any) -> None:
         "log_format": opts["log_format"],
         "log_level": opts["log_level"],
         "metrics.listen": opts["metrics_listen"],
+        "ipv6_prefix": opts["ipv6_prefix"],
         "smtp.listen": many("smtp"),
         "smtp.submission": many("submission"),
         "smtp.smtps": many("smtps"),
@@ -105,6 +112,7 @@ def serve(ctx: click.Context, /, **opts: Any) -> None:
         "imap.listen": many("imap"),
         "imap.listen_tls": many("imaps"),
         "policy.listen": many("policy"),
+        "socketmap.listen": many("socketmap"),
     }
     settings = settings_from(ctx, **overrides)
     from relaygate.servers.serve import Server
