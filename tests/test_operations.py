@@ -167,7 +167,8 @@ async def test_policy_ok_logs_who_relayed(caplog: pytest.LogCaptureFixture) -> N
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relayed ")]
     assert len(lines) == 1
     assert lines[0].startswith(
-        "relayed service=policy ip=192.0.2.7 user=alice basis=grant sender=alice@example.org "
+        "relayed service=policy ip=192.0.2.7 action=OK user=alice basis=grant "
+        "sender=alice@example.org "
         "recipient=bob@far.example helo=laptop.example queue_id=4XyZ1Q reason=")
 
 

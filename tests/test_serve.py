@@ -511,6 +511,8 @@ def test_listening_events_name_each_listener_kind() -> None:
             return ["pop3 127.0.0.1:1110", "pop3s 127.0.0.1:1995", "[::1]:1110",
                     "unix:/run/x.sock"]
 
-    assert serve_mod._listening(Svc()) == [  # type: ignore[arg-type]
+    from relaygate.servers.runtime import listening
+
+    assert listening(Svc()) == [  # type: ignore[arg-type]
         ("pop3", "127.0.0.1:1110"), ("pop3s", "127.0.0.1:1995"), ("pop3", "[::1]:1110"),
         ("pop3", "unix:/run/x.sock")]

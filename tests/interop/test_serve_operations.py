@@ -195,3 +195,27 @@ def test_status_reports_a_killed_process_as_stale(tmp_path: Path) -> None:
     assert r.returncode == 1
     procs = json.loads(r.stdout)["processes"]
     assert [(p["command"], p["state"]) for p in procs] == [("policyd", "stale")]
+
+
+def test_status_sees_watch_log_and_sighup_does_not_kill_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    watched = tmp_path / "mail.log"
+    watched.write_text("")
+    base = [sys.executable, "-m", "relaygate", "--data-dir", str(data)]
+    proc = subprocess.Popen([*base, "--log-file", str(tmp_path / "w.log"), "watch-log",
+                             str(watched)], stderr=subprocess.PIPE, env=env())
+    try:
+        _wait_for(lambda: any((data / "run").glob("watch-log-*.json")), "watch-log's record")
+        proc.send_signal(signal.SIGHUP)  # logrotate's postrotate: reopen, not die
+        time.sleep(0.5)
+        assert proc.poll() is None
+        r = subprocess.run([*base, "status"], capture_output=True, text=True, env=env(),
+                           timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"watch-log: running, pid {proc.pid}" in r.stdout
+        assert str(watched) in r.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert not list((data / "run").glob("*.json"))
+    assert ISO.match((tmp_path / "w.log").read_text())

@@ -301,7 +301,7 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         if once:
             rc = watcher.run_once()
         else:
-            from relaygate.log import event, reopen_log_files
+            from relaygate.log import reopen_log_files
             from relaygate.processes import recorded
 
             if threading.current_thread() is threading.main_thread():
@@ -311,20 +311,12 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
                 signal.signal(signal.SIGHUP, lambda *_: reopen_log_files())
             with recorded(settings, "watch-log",
                           [{"name": "watch-log", "listeners": list(files)}]):
-                event("watch-log.started", pid=os.getpid(), files=",".join(files),
-                      store=None if dry_run else _redacted(settings))
+                log.info("watching %s", ", ".join(files))
                 rc = watcher.run()
-                event("watch-log.stopped", pid=os.getpid())
     finally:
         if store is not None:
             store.close()
     ctx.exit(rc)
-
-
-def _redacted(settings: object) -> str:
-    from relaygate.stores import redact_url
-
-    return redact_url(str(getattr(settings, "store_url", "")))
 
 
 def _run_tester(path: str, matcher: LoginMatcher, fmt: str) -> None:

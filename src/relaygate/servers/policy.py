@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import logging
 import os
@@ -93,7 +94,7 @@ from relaygate.protocols.policy import (
     format_answer,
     triage,
 )
-from relaygate.relaylog import relayed
+from relaygate.relaylog import Envelope, relayed
 from relaygate.servers.listeners import LISTEN_BACKLOG, Listen, Listener, parse_listen
 from relaygate.stores.base import GrantStore
 from relaygate.stores.sqlite import SqliteReader, SqliteStore
@@ -257,13 +258,9 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         self._send(format_answer(action))
         verdict = decision.verdict
         if verdict is Verdict.ALLOW:
-            if _EVENTS.isEnabledFor(logging.INFO):
-                got = self.request.fields if self.request is not None else {}
-                relayed(self.service.ctx, service="policy", basis=decision.kind,
-                        user=decision.user, ip=ip, sender=_text(got.get(b"sender")),
-                        recipients=[r for r in (_text(got.get(b"recipient")),) if r],
-                        helo=_text(got.get(b"helo_name")),
-                        queue_id=_text(got.get(b"queue_id")), reason=decision.reason)
+            relayed(self.service.ctx, service="policy", basis=decision.kind,
+                    user=decision.user, ip=ip, reason=decision.reason, action=action,
+                    envelope=functools.partial(_envelope, self.request))
         elif verdict is Verdict.TEMPFAIL:
             # RelayControl has warned (once, then every few seconds): not per request.
             if _EVENTS.isEnabledFor(logging.INFO):
@@ -658,6 +655,16 @@ class PolicyService:
 def _text(raw: bytes | None) -> str | None:
     """An attribute value for the log (its escaping keeps a client from forging lines)."""
     return raw.decode("utf-8", "replace") if raw else None
+
+
+def _envelope(request: PolicyRequest | None) -> Envelope:
+    """The message a policy request asks about, for the ``relayed`` line."""
+    got = request.fields if request is not None else {}
+    raw_sender = got.get(b"sender")
+    sender = None if raw_sender is None else raw_sender.decode("utf-8", "replace")
+    recipient = _text(got.get(b"recipient"))
+    return Envelope(sender, [recipient] if recipient else [], _text(got.get(b"helo_name")),
+                    _text(got.get(b"queue_id")))
 
 
 def make_service(ctx: Context) -> PolicyService:

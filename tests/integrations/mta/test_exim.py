@@ -74,7 +74,7 @@ def test_window_relays_stranger_does_not(conf: Path, policyd: tuple[Daemon, str,
     assert exim_bh(conf, "127.0.0.5", [REMOTE, LOCAL]) == [250, 250]
     assert exim_bh(conf, "127.0.0.6", [REMOTE, LOCAL]) == [550, 250]
     log = policyd[0].text()
-    assert "relay.decision service=policy ip=127.0.0.5 action=OK" in log
+    assert "relayed service=policy ip=127.0.0.5 action=OK" in log
 
 
 def test_ipv6_clients(conf: Path) -> None:

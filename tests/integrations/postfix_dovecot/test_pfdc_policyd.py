@@ -161,4 +161,4 @@ listen = ["127.0.0.1:{port}", "unix:{sock}"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     assert not sock.exists()
-    assert 'relay.decision service=policy ip=192.0.2.80 action=OK' in log.read_text()
+    assert 'relayed service=policy ip=192.0.2.80 action=OK' in log.read_text()

@@ -77,6 +77,7 @@ from relaygate.protocols.smtp_address import (
     canonical_address,
     parse_mailbox,
 )
+from relaygate.relaylog import Envelope as LoggedEnvelope
 from relaygate.relaylog import relayed
 from relaygate.servers.smtp.data import DataBudget, IncomingMessage, MessageFile, open_files
 
@@ -482,8 +483,9 @@ class RelayHandler:
             self._relayed.inc()
             if authority is not None:
                 relayed(self.ctx, service="smtp", basis=authority.kind, user=authority.user,
-                        ip=state.shown_ip, sender=sender, recipients=list(envelope.relayed),
-                        helo=session.host_name, queue_id=queue_id, reason=authority.reason)
+                        ip=state.shown_ip, reason=authority.reason,
+                        envelope=lambda: LoggedEnvelope(
+                            sender, list(envelope.relayed), session.host_name, queue_id))
         if names:
             self._delivered.inc(len(names))
         return f"250 2.0.0 OK id={msgid}" + (f" queued as {queue_id}" if queue_id else "")
