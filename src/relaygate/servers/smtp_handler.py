@@ -72,6 +72,7 @@ from relaygate.protocols.smtp_address import (
     canonical_address,
     parse_mailbox,
 )
+from relaygate.relaystats import count_relayed
 
 if TYPE_CHECKING:
     from relaygate.mail.directory import Account
@@ -433,6 +434,8 @@ class RelayHandler:
         self._accepted.inc()
         if envelope.relayed:
             self._relayed.inc()
+            if authority is not None:
+                count_relayed(self.ctx, authority.kind, authority.user, state.ip)
         if names:
             self._delivered.inc(len(names))
         return f"250 2.0.0 OK id={msgid}" + (f" queued as {queue_id}" if queue_id else "")
