@@ -1,7 +1,7 @@
 """Build hook: install the qmail chain programs as scripts that start Python with -I -S.
 
-Everything else about the package is in pyproject.toml. This file exists for
-one reason: ``relay-ctrl-check`` runs once per SMTP connection, and a
+Everything else about the package is in pyproject.toml, except the manual
+pages (``data_files``, at the end). This file exists mainly for one reason: ``relay-ctrl-check`` runs once per SMTP connection, and a
 console-script wrapper (``[project.scripts]``) costs the ``site`` machinery
 and ``re`` on every run (about twice the start-up of a bare interpreter).
 So the ``relay-ctrl-*`` programs are plain scripts whose first line names
@@ -73,8 +73,15 @@ class BuildChainScripts(build_scripts):  # type: ignore[misc]
         return outfiles, outfiles
 
 
+#: the manual pages, generated from the --help texts (``python -m relaygate.manpages man/man8``;
+#: a test keeps them current) and installed into ``<prefix>/share/man/man8``
+MAN_PAGES = sorted(os.path.join("man", "man8", name)
+                   for name in os.listdir(os.path.join(HERE, "man", "man8"))
+                   if name.endswith(".8"))
+
 setup(
     scripts=[os.path.join(SCRIPT_DIR, name) for name in CHAIN_PROGRAMS],
+    data_files=[("share/man/man8", MAN_PAGES)],
     cmdclass={"build_scripts": BuildChainScripts},
     # the templates are build input, not package data
     exclude_package_data={"relaygate.integrations.qmail.scripts": ["*"],

@@ -113,6 +113,24 @@ class Messages:
 # -- environment values -----------------------------------------------------------
 
 
+def client_address(raw: str | None, say: Messages) -> str:
+    """The canonical client address from ``$TCPREMOTEIP``, or exit 111.
+
+    Unset or empty: relay-ctrl's own message (not run from tcpserver). Set but
+    not an address (``../x``): says so and shows the value (escaped, cut).
+    """
+    from relaygate.addresses import parse_ip
+    from relaygate.errors import InvalidAddress
+
+    if not raw:
+        say.die(EXIT_TEMPFAIL, "Must be run from tcp-env or tcpserver.")
+    try:
+        return parse_ip(raw)
+    except InvalidAddress:
+        say.die(EXIT_TEMPFAIL, f"Invalid $TCPREMOTEIP '{shown(raw)}': not an IPv4 or IPv6 "
+                               "address.")
+
+
 def parse_expiry(value: str | None) -> int:
     """``$RELAY_CTRL_EXPIRY`` read as relay-ctrl does (``atol``; invalid or <= 0 is 900)."""
     if value is None:
