@@ -70,6 +70,12 @@ def test_installed_with_the_package_and_found_by_man() -> None:
     found = subprocess.run([man, "-w", "relaygate-queue"], capture_output=True, text=True,
                            env=env, timeout=60)
     assert found.stdout.strip() == str(installed / "relaygate-queue.8"), found
+    # man-db (Debian) also finds them with the venv's bin on $PATH and no MANPATH (README)
+    plain = {k: v for k, v in os.environ.items() if k != "MANPATH"}
+    plain["PATH"] = f"{Path(sys.prefix) / 'bin'}:/usr/bin:/bin"
+    found = subprocess.run([man, "-w", "relaygate"], capture_output=True, text=True,
+                           env=plain, timeout=60)
+    assert found.stdout.strip() == str(installed / "relaygate.8"), found
     text = subprocess.run([man, "relaygate-report"], capture_output=True, text=True,
                           env={**env, "MANPAGER": "cat", "PAGER": "cat", "MANWIDTH": "80"},
                           timeout=60)
