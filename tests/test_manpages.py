@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
+from conftest import need_program
 from relaygate.integrations.qmail.manpages import PAGES
 from relaygate.manpages import all_pages, render, split_sections
 
@@ -63,9 +61,7 @@ def test_installed_with_the_package_and_found_by_man() -> None:
     for name in ("relaygate.8", "relaygate-queue.8", "relay-ctrl-check.8"):
         assert (installed / name).read_text(encoding="utf-8") == (TREE / name).read_text(
             encoding="utf-8"), f"{installed / name}: run pip install -e . again"
-    man = shutil.which("man")
-    if man is None:
-        pytest.skip("man is not installed")
+    man = need_program("man")  # man-db, installed by scripts/test
     env = {**os.environ, "MANPATH": f"{Path(sys.prefix) / 'share' / 'man'}:"}
     found = subprocess.run([man, "-w", "relaygate-queue"], capture_output=True, text=True,
                            env=env, timeout=60)
