@@ -78,11 +78,11 @@ def main() -> None:
                             "3600"], check=True, capture_output=True)
         (root / "counting").mkdir()
         p_on, p_off = _free_port(), _free_port()
-        common = ["--store", store, "--log-level", "warning"]
-        on = _start([RELAYGATE, *common, "--data-dir", str(root / "counting"), "policyd",
-                     "--listen", f"127.0.0.1:{p_on}"], p_on)
-        off = _start([RELAYGATE, *common, "--data-dir", str(root / "missing"), "policyd",
-                      "--listen", f"127.0.0.1:{p_off}"], p_off)
+        on = _start([RELAYGATE, "--store", store, "--data-dir", str(root / "counting"),
+                     "policyd", "--listen", f"127.0.0.1:{p_on}", "--log-level", "warning"], p_on)
+        off = _start([RELAYGATE, "--store", store, "--data-dir", str(root / "missing"),
+                      "policyd", "--listen", f"127.0.0.1:{p_off}", "--log-level", "warning"],
+                     p_off)
         cpu: dict[str, list[float]] = {"on": [], "off": []}
         rate: dict[str, list[float]] = {"on": [], "off": []}
         try:
