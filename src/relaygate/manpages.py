@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 #: columns click formats the help text to (man's own default page width is 80)
 WIDTH = 78
@@ -86,26 +87,43 @@ def chain_pages() -> dict[str, str]:
             for name, text in PAGES.items()}
 
 
-def _help(command: object, path: list[str]) -> str:
+def _context(path: list[str]) -> Any:
+    """The click context ``relaygate A B --help`` would have for ``path`` [relaygate, A, B].
+
+    Built down from the real group with each command's own context settings,
+    so the help (``-h, --help`` or only ``--help``, usage line) is what a user
+    sees, at :data:`WIDTH` columns.
+    """
     import click
 
-    assert isinstance(command, click.Command)
-    parent = None
-    for part in path[:-1]:
-        parent = click.Context(click.Group(part), info_name=part, parent=parent,
-                               terminal_width=WIDTH, max_content_width=WIDTH)
-    ctx = click.Context(command, info_name=path[-1], parent=parent, terminal_width=WIDTH,
-                        max_content_width=WIDTH)
-    return command.get_help(ctx)
+    from relaygate.cli import main
+
+    ctx = click.Context(main, info_name=path[0], terminal_width=WIDTH, max_content_width=WIDTH,
+                        **main.context_settings)
+    for name in path[1:]:
+        group = ctx.command
+        assert isinstance(group, click.Group)
+        command = group.get_command(ctx, name)
+        assert command is not None, name
+        ctx = click.Context(command, info_name=name, parent=ctx, terminal_width=WIDTH,
+                            max_content_width=WIDTH, **command.context_settings)
+    return ctx
 
 
-def _subcommands(command: object) -> list[tuple[str, object]]:
+def _help(path: list[str]) -> str:
+    ctx = _context(path)
+    text: str = ctx.command.get_help(ctx)
+    return text
+
+
+def _subcommands(path: list[str]) -> list[tuple[str, Any]]:
     import click
 
+    ctx = _context(path)
+    command = ctx.command
     if not isinstance(command, click.Group):
         return []
-    ctx = click.Context(command)
-    out: list[tuple[str, object]] = []
+    out: list[tuple[str, Any]] = []
     for name in command.list_commands(ctx):
         sub = command.get_command(ctx, name)
         if sub is not None and not sub.hidden:
@@ -113,39 +131,34 @@ def _subcommands(command: object) -> list[tuple[str, object]]:
     return out
 
 
-def _command_sections(command: object, path: list[str]) -> list[tuple[str, list[str]]]:
+def _command_sections(path: list[str]) -> list[tuple[str, list[str]]]:
     """NAME, SYNOPSIS, DESCRIPTION (the --help text) and, for a group, each subcommand."""
-    import click
-
-    assert isinstance(command, click.Command)
     full = " ".join(path)
-    short = command.get_short_help_str(limit=WIDTH)
-    text = _help(command, path).rstrip("\n").splitlines()
+    short = _context(path).command.get_short_help_str(limit=WIDTH)
+    text = _help(path).rstrip("\n").splitlines()
     usage = [text[0].removeprefix("Usage: ")] if text and text[0].startswith("Usage:") else []
     body = text[1:] if usage else text
     while body and not body[0].strip():
         body = body[1:]
     sections: list[tuple[str, list[str]]] = [("NAME", [f"{full.replace(' ', '-')} - {short}"]),
                                              ("SYNOPSIS", usage), ("DESCRIPTION", body)]
-    for name, sub in _subcommands(command):
-        sub_text = _help(sub, [*path, name]).rstrip("\n").splitlines()
+    for name, _sub in _subcommands(path):
+        sub_text = _help([*path, name]).rstrip("\n").splitlines()
         sections.append((f"{full.upper()} {name.upper()}", sub_text))
     return sections
 
 
 def relaygate_pages() -> dict[str, str]:
     """relaygate.8 (the group's help and every subcommand) and relaygate-CMD.8 each."""
-    from relaygate.cli import main
-
     pages: dict[str, str] = {}
-    sections = _command_sections(main, ["relaygate"])
+    sections = _command_sections(["relaygate"])
     # relaygate.8 lists the subcommands with their one-line help; each has its own page
     overview = [s for s in sections if not s[0].startswith("RELAYGATE ")]
     see_also = []
-    for name, sub in _subcommands(main):
+    for name, _sub in _subcommands(["relaygate"]):
         page = f"relaygate-{name}"
         pages[f"{page}.{SECTION}"] = render(page, [
-            *_command_sections(sub, ["relaygate", name]),
+            *_command_sections(["relaygate", name]),
             ("SEE ALSO", [f"relaygate(8), relaygate {name} --help"])])
         see_also.append(f"{page}({SECTION})")
     chains = sorted(n.rsplit(".", 1)[0] for n in chain_pages())
