@@ -56,6 +56,9 @@ class SmtpSettings:
     #: refused RCPTs (unknown user, relay denied) before the session is ended with 421:
     #: a dictionary-attack guard, separate from the bad-command budget
     max_refused_recipients: int = 50
+    #: bytes of message data held in memory by all DATA transfers together (the rest
+    #: is on disk already); at the limit transfers pause reading until writes finish
+    data_memory_limit: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class Settings:
     log_level: str = "info"
     log_ips: bool = False
     sender_binding: bool = False
+    #: IPv6 clients share per-address limits (connections, login failures) per this prefix
+    ipv6_prefix: int = 64
     user: str | None = None
     group: str | None = None
     #: seconds between aging runs in ``serve``
@@ -225,6 +230,12 @@ _POSITIVE = {
     "policy.idle_timeout", "policy.threads", "logwatch.interval",
 }
 
+#: lower bounds above zero, with why
+_MINIMUM: dict[str, int] = {
+    # one message may hold this much on its way to disk (servers/smtp_data.MESSAGE_BUFFER)
+    "smtp.data_memory_limit": 1024 * 1024,
+}
+
 
 @dataclass(frozen=True)
 class _Value:
@@ -280,6 +291,15 @@ def _build(layers: Mapping[str, _Value]) -> Settings:
         top["domains"] = tuple(_domain(d, layers["domains"]) for d in top["domains"])
     if top.get("store"):
         _store_url(top["store"], layers["store"])
+    if "ipv6_prefix" in top:
+        from relaygate.addresses import check_ipv6_prefix
+
+        try:
+            check_ipv6_prefix(top["ipv6_prefix"])
+        except ValueError as exc:
+            v = layers["ipv6_prefix"]
+            raise ConfigError(f"ipv6_prefix: {exc}", source=v.source, line=v.line,
+                              value=v.value) from None
     settings = Settings(**top)
     if (settings.tls.cert is None) != (settings.tls.key is None):
         src = layers.get("tls.cert") or layers.get("tls.key")
@@ -339,6 +359,13 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             if s in ("", "0", "no", "false", "off"):
                 return False
         raise bad("expected true or false")
+    if key == "expiry":  # one reader of window lengths everywhere (relaygate.expiry)
+        from relaygate.expiry import parse_expiry
+
+        try:
+            return float(parse_expiry(raw))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     if tp in (int, float):
         if isinstance(raw, bool):
             raise bad("expected a number")
@@ -350,6 +377,8 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             raise bad("expected a number")
         if key in _POSITIVE and num <= 0:
             raise bad("must be greater than zero")
+        if key in _MINIMUM and num < _MINIMUM[key]:
+            raise bad(f"must be at least {_MINIMUM[key]}")
         return num
     if tp is str:
         if not isinstance(raw, str):

@@ -55,6 +55,21 @@ def test_stranger_may_not_relay(h: SmtpHarness) -> None:
     assert h.queue is not None and h.queue.items == []
 
 
+@pytest.mark.parametrize("address", [
+    f"postmaster@{LOCAL}.evil.test",  # a local domain followed by a dot is not local
+    f"alice@{LOCAL}.evil.test",
+    f"postmaster@mail.{LOCAL}",  # nor is a subdomain without a ".domain" line
+    f"postmaster@not{LOCAL}",
+    f"postmaster@{LOCAL[:-1]}",
+])
+def test_names_that_begin_or_end_like_a_local_domain_are_not_local(
+        h: SmtpHarness, address: str) -> None:
+    r = raw(h)
+    assert rcpt(r, address) == RELAY_DENIED, address
+    r.close()
+    assert h.queue is not None and h.queue.items == []
+
+
 def test_local_delivery_works_for_anyone(h: SmtpHarness) -> None:
     c = h.client(STRANGER_IP)
     c.sendmail("stranger@far.example", [f"alice@{LOCAL}"], MSG)
@@ -329,6 +344,21 @@ def test_delivery_failure_is_451_without_details(h: SmtpHarness) -> None:
     r.close()
     assert reply.startswith("451 4.3.0")
     assert "disk" not in reply and "secret" not in reply and "OSError" not in reply
+    assert h.queue.items == [] and h.queue.partial_files() == []
+
+
+def test_spool_that_cannot_be_opened_is_451_to_data(h: SmtpHarness) -> None:
+    assert h.queue is not None
+    h.queue.fail_open = True
+    r = raw(h, RULE_IP)
+    assert rcpt(r, "x@remote.invalid").startswith("250")
+    reply = r.cmd("DATA")
+    assert reply.startswith("451 4.3.0") and "disk" not in reply
+    h.queue.fail_open = False
+    assert r.cmd("DATA").startswith("354")  # the transaction is still open
+    assert r.cmd(MSG + b".").startswith("250")
+    r.close()
+    assert len(h.queue.items) == 1
 
 
 def test_unexpected_exception_is_451_without_details(h: SmtpHarness) -> None:

@@ -44,7 +44,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from relaygate.addresses import is_loopback, parse_ip
+from relaygate.addresses import client_group, is_loopback, parse_ip
 from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.log import event
 from relaygate.mail.mailbox import (
@@ -233,7 +233,7 @@ class Pop3Service:
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 listen: Listen, implicit: bool) -> None:
         ip = _peer_ip(writer)
-        key = ip or "unix"
+        key = self._limit_key(ip)
         if self._stopping:
             writer.close()
             return
@@ -249,9 +249,13 @@ class Pop3Service:
         session.task = asyncio.get_running_loop().create_task(
             self._run(session, reader, writer, listen, implicit))
 
+    def _limit_key(self, ip: str | None) -> str:
+        """What ``pop3.max_connections_per_ip`` counts under: the address, IPv6 by network."""
+        return client_group(ip or "unix", self.settings.ipv6_prefix)
+
     async def _run(self, session: _Session, reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter, listen: Listen, implicit: bool) -> None:
-        key = session.ip or "unix"
+        key = self._limit_key(session.ip)
         try:
             await self._session(session, reader, writer, listen, implicit)
         except asyncio.CancelledError:
