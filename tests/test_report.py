@@ -35,7 +35,7 @@ def test_basis_of_each_decision_kind() -> None:
 
 
 def test_counts_summed_per_account_basis_and_day(tmp_path: Path) -> None:
-    now = time.time()
+    now = time.time() // DAY * DAY + DAY / 2  # noon UTC today: periods count whole days
     stats = RelayStats(tmp_path / STATS_FILE)
     for _ in range(3):
         stats.add("alice", "window", now=now)
