@@ -45,7 +45,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relaygate.context import Context
 
 log = logging.getLogger("relaygate.relaystats")
 
@@ -90,23 +93,22 @@ def basis_of(kind: str, user: str | None) -> str | None:
     return None
 
 
-def count_relayed(ctx: Any, kind: str, user: str | None, ip: str | None,
+def count_relayed(ctx: Context, kind: str, user: str | None, ip: str | None,
                   n: int = 1) -> None:
     """Count ``n`` relayed messages (or policy OKs) of ``user`` from ``ip`` on ``kind``.
 
     ``ctx`` is the servers' Context: its data directory names the file, and
-    the counter lives in ``ctx.extra`` (one per running process and data
+    the counter lives in ``ctx.relay_stats`` (one per running process and data
     directory). Never raises: counting must not affect relaying.
     """
     try:
         basis = basis_of(kind, user)
         if basis is None:
             return
-        extra = ctx.extra
-        stats = extra.get("relay_stats")
+        stats = ctx.relay_stats
         if stats is None:
-            stats = extra["relay_stats"] = RelayStats.for_data_dir(ctx.settings.data_dir)
-        if stats:
+            stats = ctx.relay_stats = RelayStats.for_data_dir(ctx.settings.data_dir)
+        if isinstance(stats, RelayStats):
             stats.add(user or f"[{ip or 'unknown'}]", basis, n)
     except Exception:  # pragma: no cover - a counter bug must never refuse mail
         log.exception("relay statistics: cannot count")

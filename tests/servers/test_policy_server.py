@@ -300,7 +300,7 @@ def test_bad_settings() -> None:
 
 
 async def test_ok_answers_counted_for_the_migration_report(tmp_path: Path) -> None:
-    from relaygate.relaystats import read_report
+    from relaygate.relaystats import RelayStats, read_report
 
     store = MemoryStore()
     now = time.time()
@@ -318,7 +318,8 @@ async def test_ok_answers_counted_for_the_migration_report(tmp_path: Path) -> No
         assert got.count(b"action=OK") == 3
     finally:
         await service.stop(1)
-    ctx.extra["relay_stats"].flush()
+    assert isinstance(ctx.relay_stats, RelayStats)
+    ctx.relay_stats.flush()
     assert {u.account: u.counts for u in read_report(tmp_path)} == {
         "alice": {"window": 2, "auth": 0, "rule": 0},
         "[127.0.0.9]": {"window": 0, "auth": 0, "rule": 1}}

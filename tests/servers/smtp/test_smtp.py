@@ -473,7 +473,7 @@ def test_unix_socket_listener(tmp_path: Path) -> None:
 
 
 def test_relayed_messages_counted_for_the_migration_report(tmp_path: Path) -> None:
-    from relaygate.relaystats import read_report
+    from relaygate.relaystats import RelayStats, read_report
 
     (tmp_path / "data").mkdir()
     h = SmtpHarness(tmp_path)
@@ -491,7 +491,8 @@ def test_relayed_messages_counted_for_the_migration_report(tmp_path: Path) -> No
         c = h.client(RULE_IP)
         c.sendmail("anyone@sender.example", ["x@remote.invalid", "y@remote.invalid"], MSG)
         c.quit()
-        h.ctx.extra["relay_stats"].flush()
+        assert isinstance(h.ctx.relay_stats, RelayStats)
+        h.ctx.relay_stats.flush()
     finally:
         h.stop()
     by_account = {u.account: u.counts for u in read_report(tmp_path / "data")}
