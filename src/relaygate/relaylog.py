@@ -9,7 +9,8 @@ grep answers "who relayed this"::
 SMTP AUTH, ``rule``: a static rule, ``env``: RELAYCLIENT of the chain); ``user``
 is whose window (or login) it was; ``sender=<>`` is the null sender, a missing
 ``sender`` one the request did not carry. :func:`relayed` is the one call site
-both servers share for a relayed message.
+both servers share for a relayed message: it also counts it for the migration
+report (:func:`relaygate.relaystats.count_relayed`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaygate.log import event
+from relaygate.relaystats import count_relayed
 
 _EVENTS = logging.getLogger("relaygate.events")
 
@@ -37,9 +39,11 @@ class Envelope:
 
 def relayed(ctx: Any, *, service: str, basis: str, user: str | None, ip: str | None,
             envelope: Callable[[], Envelope], reason: str | None = None,
-            action: str | None = None) -> None:
-    """One relayed message (or policy OK). ``ctx`` is the process's Context;
-    ``envelope`` is only called when the line is logged."""
+            action: str | None = None, client_ip: str | None = None) -> None:
+    """Count and log one relayed message (or policy OK). ``ctx`` is the process's
+    Context; ``ip`` the address as logged, ``client_ip`` the canonical one counted
+    (default ``ip``); ``envelope`` is only called when the line is logged."""
+    count_relayed(ctx, basis, user, client_ip if client_ip is not None else ip)
     if not _EVENTS.isEnabledFor(logging.INFO):
         return
     env = envelope()

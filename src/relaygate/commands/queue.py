@@ -44,9 +44,16 @@ log = logging.getLogger("relaygate.queue")
 
 
 def _open(ctx: click.Context) -> tuple[Settings, Queue]:
+    """The queue of an existing data directory (never invented: see ``relaygate list``)."""
     from relaygate.processes import adopt
 
     settings, _ = adopt(settings_from(ctx))  # the running server's configuration
+    if not settings.data_dir.is_dir():
+        from relaygate.errors import ConfigError
+
+        raise ConfigError(f"no data directory: {settings.data_dir.absolute()} does not exist; "
+                          "give --data-dir or --config (or $RELAYGATE_DATA_DIR) for the one "
+                          "serve uses")
     return settings, Queue(settings.data_dir / "queue")
 
 

@@ -483,7 +483,7 @@ class RelayHandler:
             self._relayed.inc()
             if authority is not None:
                 relayed(self.ctx, service="smtp", basis=authority.kind, user=authority.user,
-                        ip=state.shown_ip, reason=authority.reason,
+                        ip=state.shown_ip, client_ip=state.ip, reason=authority.reason,
                         envelope=lambda: LoggedEnvelope(
                             sender, list(envelope.relayed), session.host_name, queue_id))
         if names:
