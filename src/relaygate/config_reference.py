@@ -31,7 +31,8 @@ DESCRIPTIONS: dict[str, str] = {
                "Empty: the host name.",
     "rcpthosts_file": "A qmail rcpthosts file whose domains are local too.",
     "store": "Grant store URL: sqlite:///PATH, spool:///DIR (relay-ctrl), "
-             "redis://HOST:PORT/DB (several hosts), memory:. Empty: SQLite in the data directory.",
+             "redis://HOST:PORT/DB (several hosts; redis+sentinel://, redis+cluster://), memory:. "
+             "Empty: SQLite in the data directory.",
     "expiry": "Seconds a login keeps the relay window of its address open: a whole number "
               "from 1 to 31536000 (also RELAY_CTRL_EXPIRY in an envdir).",
     "relayclient": "RELAYCLIENT value a window grants (appended to each recipient; "

@@ -331,7 +331,8 @@ class Server:
         # asyncio.to_thread's pool is imported lazily by concurrent.futures
         importlib.import_module("concurrent.futures.thread")
         scheme = self.settings.store_url.partition(":")[0]
-        backend = {"rediss": "redis"}.get(scheme, scheme)
+        backend = {"rediss": "redis", "redis+sentinel": "redis",
+                   "redis+cluster": "redis"}.get(scheme, scheme)
         with contextlib.suppress(ImportError):
             importlib.import_module(f"relaygate.stores.{backend}")
 
