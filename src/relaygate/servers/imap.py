@@ -74,7 +74,7 @@ import tempfile
 import time
 import uuid
 from argparse import Namespace
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -129,7 +129,14 @@ from relaygate.log import event
 from relaygate.mail.directory import Account, LoginResult
 from relaygate.mail.mailbox import delivery_order
 from relaygate.mail.maildir import deliver, ensure_maildir
-from relaygate.servers.base import LISTEN_BACKLOG, Context, Listen, parse_listen
+from relaygate.servers.base import (
+    LISTEN_BACKLOG,
+    Context,
+    Listen,
+    parse_listen,
+    stream_factory,
+    tls_acceptor,
+)
 
 log = logging.getLogger("relaygate.imap")
 
@@ -1087,15 +1094,17 @@ class ImapService:
 
     async def _listen(self, listen: Listen, *, implicit_tls: bool) -> None:
         cb = partial(self._accept, listen, implicit_tls)
-        tls = self.ssl_context if implicit_tls else None
-        extra: dict[str, Any] = {"backlog": LISTEN_BACKLOG}
-        if tls is not None:
-            extra.update(ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], asyncio.BaseProtocol] = stream_factory(cb, MAX_LINE)
+        if implicit_tls:
+            assert self.ssl_context is not None
+            factory = tls_acceptor(factory, self.ssl_context, "imaps", TLS_HANDSHAKE_TIMEOUT)
         if listen.path is not None:
-            server = await asyncio.start_unix_server(cb, listen.path, limit=MAX_LINE, **extra)
+            server = await loop.create_unix_server(factory, listen.path, backlog=LISTEN_BACKLOG)
         else:
-            server = await asyncio.start_server(cb, listen.host, listen.port, limit=MAX_LINE,
-                                                reuse_address=True, **extra)
+            assert listen.port is not None
+            server = await loop.create_server(factory, listen.host, listen.port,
+                                              reuse_address=True, backlog=LISTEN_BACKLOG)
         self._servers.append(server)
         kind = "imaps" if implicit_tls else "imap"
         for sock in server.sockets:

@@ -41,6 +41,7 @@ import os
 import secrets
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,13 @@ from relaygate.protocols.pop3 import (
     StartTls,
     Update,
 )
-from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
+from relaygate.servers.base import (
+    LISTEN_BACKLOG,
+    Listen,
+    parse_listen,
+    stream_factory,
+    tls_acceptor,
+)
 
 if TYPE_CHECKING:
     from relaygate.mail.directory import Account, Directory, LoginResult
@@ -83,6 +90,8 @@ READ_SIZE = 4096
 SEND_CHUNK = 256 * 1024
 #: seconds a TLS handshake (implicit or STLS) may take
 TLS_HANDSHAKE_TIMEOUT = 30.0
+#: asyncio.start_server's default line limit of the stream reader
+STREAM_LIMIT = 2**16
 
 
 @dataclass(eq=False)
@@ -199,15 +208,16 @@ class Pop3Service:
         def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self._accept(reader, writer, listen, implicit)
 
-        tls = self.ssl_context if implicit else None
-        timeout = TLS_HANDSHAKE_TIMEOUT if implicit else None
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], asyncio.BaseProtocol] = stream_factory(handler, STREAM_LIMIT)
+        if implicit:
+            assert self.ssl_context is not None
+            factory = tls_acceptor(factory, self.ssl_context, "pop3s", TLS_HANDSHAKE_TIMEOUT)
         if listen.path is not None:
-            return await asyncio.start_unix_server(
-                handler, listen.path, ssl=tls, ssl_handshake_timeout=timeout,
-                backlog=LISTEN_BACKLOG)
-        return await asyncio.start_server(
-            handler, listen.host, listen.port, ssl=tls, ssl_handshake_timeout=timeout,
-            reuse_address=True, backlog=LISTEN_BACKLOG)
+            return await loop.create_unix_server(factory, listen.path, backlog=LISTEN_BACKLOG)
+        assert listen.port is not None
+        return await loop.create_server(factory, listen.host, listen.port, reuse_address=True,
+                                        backlog=LISTEN_BACKLOG)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; cut idle sessions now, let busy ones finish up to ``grace``."""

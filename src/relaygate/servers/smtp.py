@@ -54,7 +54,7 @@ from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import split_path
 from relaygate.protocols.smtp_data import DataDecoder
-from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
+from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen, tls_acceptor
 from relaygate.servers.smtp_data import IncomingMessage
 from relaygate.servers.smtp_handler import (
     ClientState,
@@ -482,16 +482,18 @@ class SmtpService:
         tls = self.tls_context if self.implicit_tls else None
         try:
             for listen in self.listens:
-                factory = self._factory(listen)
+                factory: Callable[[], asyncio.BaseProtocol] = self._factory(listen)
+                if tls is not None:
+                    factory = tls_acceptor(factory, tls, self.name)
                 if listen.path is not None:
-                    server = await loop.create_unix_server(factory, listen.path, ssl=tls,
+                    server = await loop.create_unix_server(factory, listen.path,
                                                            backlog=LISTEN_BACKLOG)
                     self.bound.append(f"unix:{listen.path}")
                 else:
                     # ":PORT" means every address, IPv4 and IPv6.
                     host = None if listen.host == "::" else listen.host
                     assert listen.port is not None
-                    server = await loop.create_server(factory, host, listen.port, ssl=tls,
+                    server = await loop.create_server(factory, host, listen.port,
                                                       reuse_address=True,
                                                       backlog=LISTEN_BACKLOG)
                     for sock in server.sockets:
