@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from relaygate.cli import settings_from
+from relaygate.cli import settings_from, trusted_proxy_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,6 +65,7 @@ def _listen_option(name: str, what: str, default: str) -> Callable[[F], F]:
               help="Log level (default info).")
 @click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@trusted_proxy_option
 @click.pass_context
 def serve(ctx: click.Context, /, **opts: Any) -> None:
     """Run SMTP, submission, POP3, IMAP, the queue and window aging in one process.
@@ -105,6 +106,7 @@ def serve(ctx: click.Context, /, **opts: Any) -> None:
         "imap.listen": many("imap"),
         "imap.listen_tls": many("imaps"),
         "policy.listen": many("policy"),
+        "trusted_proxies": many("trusted_proxies"),
     }
     settings = settings_from(ctx, **overrides)
     from relaygate.servers.serve import Server

@@ -78,7 +78,6 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from mailbox import MaildirMessage
 from pathlib import Path
 from typing import Any, Final, cast
@@ -123,13 +122,21 @@ from pysasl import SASLAuth
 from pysasl.creds.server import ServerCredentials
 from pysasl.exception import MechanismUnusable
 
-from relaygate.addresses import parse_ip
-from relaygate.errors import ConfigError, InvalidAddress, StoreError
+from relaygate.addresses import is_loopback
+from relaygate.control import WindowRefused
+from relaygate.errors import ConfigError, StoreError
 from relaygate.log import event
 from relaygate.mail.directory import Account, LoginResult
 from relaygate.mail.mailbox import delivery_order
 from relaygate.mail.maildir import deliver, ensure_maildir
-from relaygate.servers.base import LISTEN_BACKLOG, Context, Listen, parse_listen
+from relaygate.servers.accept import (
+    Listener,
+    Peer,
+    ProxyPolicy,
+    listen_tcp_or_unix,
+    stream_factory,
+)
+from relaygate.servers.base import Context, Listen, parse_listen
 
 log = logging.getLogger("relaygate.imap")
 
@@ -1021,7 +1028,8 @@ class ImapService:
         self.config = _Config(self, self.ssl_context)
         self.tokens = AllTokens(self.config)
         self.commands = self.config.commands
-        self._servers: list[asyncio.Server] = []
+        self.proxies = ProxyPolicy.from_settings(s)
+        self._servers: list[Listener] = []
         self._bound: list[str] = []
         #: live connections: their task and their stream (to abort at stop)
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -1086,16 +1094,15 @@ class ImapService:
             raise
 
     async def _listen(self, listen: Listen, *, implicit_tls: bool) -> None:
-        cb = partial(self._accept, listen, implicit_tls)
-        tls = self.ssl_context if implicit_tls else None
-        extra: dict[str, Any] = {"backlog": LISTEN_BACKLOG}
-        if tls is not None:
-            extra.update(ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        if listen.path is not None:
-            server = await asyncio.start_unix_server(cb, listen.path, limit=MAX_LINE, **extra)
-        else:
-            server = await asyncio.start_server(cb, listen.host, listen.port, limit=MAX_LINE,
-                                                reuse_address=True, **extra)
+        async def cb(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: Peer) -> None:
+            await self._accept(listen, implicit_tls, reader, writer, peer)
+
+        server = await listen_tcp_or_unix(
+            listen.host, listen.port, listen.path, stream_factory(cb, limit=MAX_LINE),
+            service="imaps" if implicit_tls else "imap", proxies=self.proxies,
+            ssl_context=self.ssl_context if implicit_tls else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         self._servers.append(server)
         kind = "imaps" if implicit_tls else "imap"
         for sock in server.sockets:
@@ -1142,24 +1149,21 @@ class ImapService:
 
     # connections
 
-    async def _accept(self, listen: Listen, implicit_tls: bool,
-                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, listen: Listen, implicit_tls: bool, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter, peer: Peer) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = writer
         gauge = self.ctx.metrics.connections.labels("imap")
         gauge.inc()
-        peer = writer.get_extra_info("peername")
-        ip: str | None = None
-        if isinstance(peer, tuple):
-            try:
-                ip = parse_ip(str(peer[0]))
-            except InvalidAddress:
-                ip = None
+        ip = peer.ip
+        # A listener on loopback is trusted for plaintext logins, unless a proxy
+        # forwarded the connection from elsewhere: then the client's address counts.
+        local = (is_loopback(ip) if ip is not None else True) if peer.proxy \
+            else listen.loopback
         conn = _ConnInfo(
             ip=ip, peer=ip or "local", listener=listen, tls=implicit_tls,
-            plaintext_ok=(implicit_tls or listen.loopback
-                          or self.settings.auth.allow_plaintext))
+            plaintext_ok=(implicit_tls or local or self.settings.auth.allow_plaintext))
         try:
             sock_info = SocketInfo.get(writer, None, unique_id=uuid.uuid4().bytes)
             connection = _Connection(self.commands, self.config, reader, writer, sock_info,
@@ -1222,6 +1226,10 @@ class ImapService:
             grant = await asyncio.to_thread(self.ctx.control.open_window, ip,
                                             user=account.login, domain=account.domain,
                                             source="imap")
+        except WindowRefused:
+            event("window.refused", ip=ip, user=account.login, source="imap",
+                  reason="trusted proxy")
+            return
         except StoreError as exc:
             # The login stands; relaying fails closed until the store is back.
             log.warning("IMAP login of %s from %s: cannot record the relay window: %s",

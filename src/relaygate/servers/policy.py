@@ -92,6 +92,7 @@ from relaygate.protocols.policy import (
     format_answer,
     triage,
 )
+from relaygate.servers.accept import Listener, Peer, ProxyPolicy, listen_tcp_or_unix
 from relaygate.servers.base import Context, Listen, parse_listen
 from relaygate.stores.base import GrantStore
 from relaygate.stores.sqlite import _GET, MMAP_SIZE, SqliteStore, _grant
@@ -121,12 +122,13 @@ _INTERNAL_ERROR = Decision(Verdict.TEMPFAIL, "internal error", "error")
 
 
 class _PolicyConnection(asyncio.BufferedProtocol):
-    def __init__(self, service: PolicyService) -> None:
+    def __init__(self, service: PolicyService, peer: Peer) -> None:
         self.service = service
         self.buffer = service.read_buffer
         self.reader = PolicyReader()
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
+        #: the client (an smtpd; named by the PROXY header behind a load balancer)
+        self.peer = peer.shown
         #: a decision for this connection is being made (requests wait in the reader)
         self.pending = False
         #: reading paused: the client pipelines while a decision is pending ...
@@ -145,8 +147,6 @@ class _PolicyConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else "unix"
         self.service.connections.add(self)
         self.service.ctx.metrics.connections.labels("policy").inc()
         self._arm_idle()
@@ -581,7 +581,7 @@ class PolicyService:
         #: what every connection reads into (module docstring)
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         self.connections: set[_PolicyConnection] = set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[Listener] = []
         self._unix_paths: list[tuple[str, int, int]] = []
         self._bound: list[str] = []
         self._sweeper: asyncio.TimerHandle | None = None
@@ -630,19 +630,21 @@ class PolicyService:
     def listeners(self) -> list[str]:
         return [f"policy {b}" for b in (self._bound or [str(x) for x in self.listens])]
 
+    def _connection(self, peer: Peer) -> _PolicyConnection:
+        return _PolicyConnection(self, peer)
+
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             for listen in self.listens:
                 if listen.path is not None:
                     sock = self._unix_socket(listen.path)
-                    server = await loop.create_unix_server(
-                        lambda: _PolicyConnection(self), sock=sock)
+                    server = await listen_tcp_or_unix(
+                        None, None, None, self._connection, service="policy", sock=sock)
                     self._bound.append(str(listen))
                 else:
-                    server = await loop.create_server(
-                        lambda: _PolicyConnection(self), listen.host, listen.port or 0,
-                        reuse_address=True)
+                    server = await listen_tcp_or_unix(
+                        listen.host, listen.port or 0, None, self._connection,
+                        service="policy", proxies=ProxyPolicy.from_settings(self.ctx.settings))
                     for s in server.sockets:
                         addr = s.getsockname()
                         host = addr[0]

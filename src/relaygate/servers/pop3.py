@@ -44,8 +44,9 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from relaygate.addresses import is_loopback, parse_ip
-from relaygate.errors import ConfigError, InvalidAddress
+from relaygate.addresses import is_loopback
+from relaygate.control import WindowRefused
+from relaygate.errors import ConfigError
 from relaygate.log import event
 from relaygate.mail.mailbox import (
     MailboxError,
@@ -69,7 +70,14 @@ from relaygate.protocols.pop3 import (
     StartTls,
     Update,
 )
-from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
+from relaygate.servers.accept import (
+    Listener,
+    Peer,
+    ProxyPolicy,
+    listen_tcp_or_unix,
+    stream_factory,
+)
+from relaygate.servers.base import Listen, parse_listen
 
 if TYPE_CHECKING:
     from relaygate.mail.directory import Account, Directory, LoginResult
@@ -114,7 +122,8 @@ class Pop3Service:
         self._own_context = False
         self.ssl_context = self._ssl_context()
         self.sizes = SizeCache()
-        self._servers: list[tuple[str, Listen, asyncio.Server]] = []
+        self.proxies = ProxyPolicy.from_settings(ctx.settings)
+        self._servers: list[tuple[str, Listen, Listener]] = []
         self._sessions: set[_Session] = set()
         self._per_ip: dict[str, int] = {}
         self._stopping = False
@@ -173,7 +182,7 @@ class Pop3Service:
         return out
 
     @staticmethod
-    def _bound(listen: Listen, server: asyncio.Server) -> str:
+    def _bound(listen: Listen, server: Listener) -> str:
         if listen.path is not None or not server.sockets:
             return str(listen)
         port = server.sockets[0].getsockname()[1]
@@ -195,19 +204,16 @@ class Pop3Service:
             await self.stop(0)
             raise
 
-    async def _listen(self, listen: Listen, implicit: bool) -> asyncio.Server:
-        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self._accept(reader, writer, listen, implicit)
+    async def _listen(self, listen: Listen, implicit: bool) -> Listener:
+        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    peer: Peer) -> None:
+            self._accept(reader, writer, listen, implicit, peer)
 
-        tls = self.ssl_context if implicit else None
-        timeout = TLS_HANDSHAKE_TIMEOUT if implicit else None
-        if listen.path is not None:
-            return await asyncio.start_unix_server(
-                handler, listen.path, ssl=tls, ssl_handshake_timeout=timeout,
-                backlog=LISTEN_BACKLOG)
-        return await asyncio.start_server(
-            handler, listen.host, listen.port, ssl=tls, ssl_handshake_timeout=timeout,
-            reuse_address=True, backlog=LISTEN_BACKLOG)
+        return await listen_tcp_or_unix(
+            listen.host, listen.port, listen.path, stream_factory(handler),
+            service="pop3s" if implicit else "pop3", proxies=self.proxies,
+            ssl_context=self.ssl_context if implicit else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; cut idle sessions now, let busy ones finish up to ``grace``."""
@@ -231,8 +237,8 @@ class Pop3Service:
     # -- connections -----------------------------------------------------------
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                listen: Listen, implicit: bool) -> None:
-        ip = _peer_ip(writer)
+                listen: Listen, implicit: bool, peer: Peer) -> None:
+        ip = peer.ip
         key = ip or "unix"
         if self._stopping:
             writer.close()
@@ -438,6 +444,10 @@ class Pop3Service:
             grant = await asyncio.to_thread(
                 self.ctx.control.open_window, session.ip, user=account.login,
                 domain=account.domain, source="pop3")
+        except WindowRefused:
+            event("window.refused", ip=session.ip, user=account.login, source="pop3",
+                  reason="trusted proxy")
+            return
         except Exception as exc:  # StoreError, or a store bug: never fail the login
             log.warning("pop3: could not open the relay window of %s for %s: %s",
                         session.ip, account.login, exc)
@@ -493,16 +503,6 @@ class Pop3Service:
         event("pop3.update", user=session.user, deleted=len(doomed),
               failed=failed or None)
         return failed
-
-
-def _peer_ip(writer: asyncio.StreamWriter) -> str | None:
-    peer = writer.get_extra_info("peername")
-    if not isinstance(peer, tuple) or not peer:
-        return None  # UNIX socket
-    try:
-        return parse_ip(str(peer[0]))
-    except InvalidAddress:
-        return None
 
 
 def make_service(ctx: Context) -> Pop3Service:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -49,11 +50,13 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, syntax
 
-from relaygate.addresses import parse_ip
+from relaygate.addresses import is_loopback, parse_ip
+from relaygate.decision import Decision, Verdict
 from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import split_path
-from relaygate.servers.base import LISTEN_BACKLOG, Listen, parse_listen
+from relaygate.servers.accept import Listener, Peer, ProxyPolicy, listen_tcp_or_unix
+from relaygate.servers.base import Listen, parse_listen
 from relaygate.servers.smtp_handler import (
     ClientState,
     RelayEnvelope,
@@ -62,7 +65,6 @@ from relaygate.servers.smtp_handler import (
 )
 
 if TYPE_CHECKING:
-    from relaygate.decision import Decision
     from relaygate.servers.base import Context, Service
 
 log = logging.getLogger("relaygate.smtp")
@@ -76,6 +78,8 @@ SIZE_PARAMETER_EXTRA = 26
 PUMP_CHUNK = 65536
 #: how often stop() looks for sessions that finished their transaction
 STOP_POLL = 0.05
+#: a trusted proxy's own connection (PROXY v2 LOCAL: a health check) relays nothing
+PROXY_LOCAL = Decision(Verdict.DENY, "the proxy's own connection (PROXY LOCAL)", "proxy")
 
 
 class ConnectionLimiter:
@@ -130,12 +134,13 @@ class RelaySMTP(SMTP):
 
     def __init__(self, handler: RelayHandler, *, info: ListenerInfo, owner: SmtpService,
                  data_timeout: float, bad_command_limit: int, max_refused: int,
-                 **kwargs: Any) -> None:
+                 peer: Peer | None = None, **kwargs: Any) -> None:
         # aiosmtpd keeps these limits in a class-level dict that every
         # connection would share and grow; give each connection its own.
         self.command_size_limits = _command_limits()
         super().__init__(handler, **kwargs)
         self._info = info
+        self._peer = peer
         self._owner = owner
         self._data_timeout = data_timeout
         self._bad_limit = bad_command_limit
@@ -169,10 +174,16 @@ class RelaySMTP(SMTP):
             self.client.tls = True
         self._last_read = self.loop.time()
         super().connection_made(transport)
+        peer = self._peer
+        if peer is not None and peer.proxy is not None and self.session is not None:
+            # aiosmtpd took the proxy's address from the socket: name the client
+            self.session.peer = (peer.ip, peer.port)  # type: ignore[assignment]
 
     def _client_ip(self, transport: asyncio.BaseTransport) -> str | None:
         if self._info.use_override:
             return self._info.ip_override
+        if self._peer is not None:
+            return self._peer.ip
         peer = transport.get_extra_info("peername")
         if not isinstance(peer, tuple) or not peer:
             return None  # a UNIX socket
@@ -333,7 +344,7 @@ class SmtpService:
         self.implicit_tls = implicit_tls
         s = ctx.settings.smtp
         self.limiter = limiter or ConnectionLimiter(s.max_connections_per_ip)
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Listener] = []
         self.bound: list[str] = []
         self.sessions: set[RelaySMTP] = set()
         self._started = False
@@ -350,14 +361,20 @@ class SmtpService:
         return (not st.smtp.auth_require_tls or st.auth.allow_plaintext
                 or (loopback and st.smtp.loopback_plaintext_auth))
 
-    def make_protocol(self, info: ListenerInfo) -> RelaySMTP:
+    def make_protocol(self, info: ListenerInfo, peer: Peer | None = None) -> RelaySMTP:
         st = self.ctx.settings
         s = st.smtp
+        if peer is not None and peer.proxy is not None:
+            # Forwarded by a trusted proxy: the client's address decides, not the listener's.
+            info = dataclasses.replace(
+                info, plaintext_auth=self.plaintext_auth(peer.ip is not None
+                                                         and is_loopback(peer.ip)),
+                fixed=PROXY_LOCAL if peer.local else info.fixed)
         starttls = None if self.implicit_tls else self.tls_context
         return RelaySMTP(
             self.handler, info=info, owner=self,
             data_timeout=s.data_timeout, bad_command_limit=s.bad_command_limit,
-            max_refused=s.max_refused_recipients,
+            max_refused=s.max_refused_recipients, peer=peer,
             hostname=self.handler.hostname, ident=IDENT,
             data_size_limit=s.max_message_size, tls_context=starttls,
             timeout=s.command_timeout,
@@ -365,27 +382,23 @@ class SmtpService:
             enable_SMTPUTF8=False, decode_data=False,
             loop=asyncio.get_running_loop())
 
-    def _factory(self, listen: Listen) -> Callable[[], RelaySMTP]:
+    def _factory(self, listen: Listen) -> Callable[[Peer], RelaySMTP]:
         info = ListenerInfo(self.name, self.plaintext_auth(listen.loopback), self.implicit_tls)
-        return lambda: self.make_protocol(info)
+        return lambda peer: self.make_protocol(info, peer)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         tls = self.tls_context if self.implicit_tls else None
+        proxies = ProxyPolicy.from_settings(self.ctx.settings)
         try:
             for listen in self.listens:
-                factory = self._factory(listen)
+                # ":PORT" means every address, IPv4 and IPv6.
+                host = None if listen.host == "::" else listen.host
+                server = await listen_tcp_or_unix(
+                    host, listen.port, listen.path, self._factory(listen), service=self.name,
+                    proxies=proxies, ssl_context=tls)
                 if listen.path is not None:
-                    server = await loop.create_unix_server(factory, listen.path, ssl=tls,
-                                                           backlog=LISTEN_BACKLOG)
                     self.bound.append(f"unix:{listen.path}")
                 else:
-                    # ":PORT" means every address, IPv4 and IPv6.
-                    host = None if listen.host == "::" else listen.host
-                    assert listen.port is not None
-                    server = await loop.create_server(factory, host, listen.port, ssl=tls,
-                                                      reuse_address=True,
-                                                      backlog=LISTEN_BACKLOG)
                     for sock in server.sockets:
                         addr = sock.getsockname()
                         h = str(addr[0])
