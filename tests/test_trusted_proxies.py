@@ -76,3 +76,22 @@ def test_cli_commands_take_trusted_proxy() -> None:
     for command in ("serve", "smtpd", "pop3d", "imapd", "policyd"):
         result = CliRunner().invoke(main, [command, "--help"])
         assert "--trusted-proxy CIDR" in result.output, command
+
+
+def test_dovecot_hook_refuses_a_trusted_proxys_address(tmp_path: Path) -> None:
+    """Dovecot behind HAProxy without ``haproxy = yes`` passes the proxy's address."""
+    from relaygate.integrations.dovecot import record
+    from relaygate.stores import open_store
+
+    db = tmp_path / "g.db"
+    cfg = tmp_path / "relaygate.toml"
+    cfg.write_text(f'store = "sqlite://{db}"\ntrusted_proxies = ["10.0.0.10"]\n')
+    with pytest.raises(ValueError, match=r"10\.0\.0\.10 is a trusted proxy"):
+        record({"config": str(cfg)}, {"IP": "10.0.0.10", "USER": "alice@example.org"})
+    assert "window.opened ip=192.0.2.7" in record({"config": str(cfg)},
+                                                   {"IP": "192.0.2.7", "USER": "alice"})
+    store = open_store(f"sqlite://{db}", expiry=900)
+    try:
+        assert [g.ip for g in store.list(0)] == ["192.0.2.7"]
+    finally:
+        store.close()

@@ -50,8 +50,9 @@ class SmtpSettings:
     bad_command_limit: int = 10
     #: AUTH only after STARTTLS, except on loopback listeners
     auth_require_tls: bool = True
-    #: loopback listeners count as safe for plaintext AUTH; turn off when a local
-    #: proxy (haproxy, stunnel) forwards remote clients to a loopback listener
+    #: loopback listeners count as safe for plaintext AUTH; turn off when a local proxy
+    #: (stunnel, a balancer without PROXY headers) forwards remote clients to a loopback
+    #: listener (with trusted_proxies, a forwarded client's own address decides)
     loopback_plaintext_auth: bool = True
     #: refused RCPTs (unknown user, relay denied) before the session is ended with 421:
     #: a dictionary-attack guard, separate from the bad-command budget

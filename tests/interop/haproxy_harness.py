@@ -74,6 +74,7 @@ class HAProxy:
 
     def start(self, program: str | None = None) -> HAProxy:
         exe = program or shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "haproxy.cfg"
         cfg.write_text(self.config())
         check = subprocess.run([exe, "-c", "-f", str(cfg)], capture_output=True, text=True)

@@ -269,3 +269,53 @@ def test_haproxy_config_in_deploy_is_valid(tmp_path: Path) -> None:
     cfg = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
     r = subprocess.run([program, "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_relaygate_tcpserver_behind_haproxy(tmp_path: Path) -> None:
+    """qmail's side: TCPREMOTEIP and the relay decision are the client's."""
+    import os
+    import sys
+
+    from serve_harness import env
+
+    program = need_program("haproxy", "/usr/sbin/haproxy")
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    port_file = tmp_path / "port"
+    relaygate = [sys.executable, "-m", "relaygate"]
+    with open(port_file, "wb") as out, open(tmp_path / "tcpserver.log", "wb") as err:
+        proc = subprocess.Popen(
+            [*relaygate, "--store", f"spool://{spool}", "tcpserver", "-1", "-R", "-H",
+             "--trusted-proxy", PROXY_ADDRESS, "127.0.0.1", "0",
+             "sh", "-c", 'echo "$TCPREMOTEIP ${RELAYCLIENT-none}"'],
+            stdout=out, stderr=err, env=env(), start_new_session=True)
+    h = None
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "tcpserver.log").read_text()
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        h = HAProxy(tmp_path / "haproxy", [Route("qmail_v1", port, "send-proxy"),
+                                           Route("qmail_v2", port, "send-proxy-v2")])
+        h.start(program)
+
+        def through(route: str) -> bytes:
+            with socket.socket() as s:
+                s.settimeout(20)
+                s.bind((CLIENT, 0))
+                s.connect((PROXY_ADDRESS, h.ports[route]))
+                return s.makefile("rb").readline()
+
+        assert through("qmail_v1") == f"{CLIENT} none\n".encode()
+        r = subprocess.run([*relaygate, "--store", f"spool://{spool}", "allow", CLIENT],
+                           capture_output=True, text=True, env=env(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert through("qmail_v2") == f"{CLIENT} \n".encode()  # RELAYCLIENT="": relays
+        assert os.listdir(spool) == [CLIENT]  # and nothing for the proxy
+    finally:
+        if h is not None:
+            h.stop()
+        proc.terminate()
+        proc.wait(20)

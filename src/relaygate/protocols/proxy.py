@@ -114,6 +114,19 @@ def parse_header(data: bytes | bytearray | memoryview) -> Incomplete | ProxyHead
     raise ProxyHeaderError("no PROXY protocol signature")
 
 
+def header_part(seen: bytes | bytearray, peeked: bytes) -> tuple[int, ProxyHeader | None]:
+    """For a reader that peeks: how many of the ``peeked`` bytes (those after the ``seen``
+    ones already taken) belong to the header, and the header once it is complete.
+
+    A reader takes exactly that many bytes off the socket, so what follows the header
+    stays for the protocol (or the TLS layer). Raises ProxyHeaderError.
+    """
+    result = parse_header(bytes(seen) + peeked)
+    if isinstance(result, Incomplete):
+        return len(peeked), None  # an incomplete header: every byte so far is header
+    return result.length - len(seen), result
+
+
 def _parse_v1(data: bytes) -> Incomplete | ProxyHeader:
     head = data[: len(V1_PREFIX)]
     if not V1_PREFIX.startswith(head):

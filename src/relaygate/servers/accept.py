@@ -28,8 +28,7 @@ configured like Exim's ``hosts_proxy`` (``trusted_proxies``):
   it is (``500``, ``-ERR``, ``BAD``, a closed policy connection): never believed.
 
 The header is read with ``MSG_PEEK``: only the header's own bytes are taken off
-the socket (what the parser has seen of an incomplete header is all header, see
-:class:`~relaygate.protocols.proxy.Incomplete`), so whatever the proxy forwarded
+the socket (:func:`~relaygate.protocols.proxy.header_part`), so whatever the proxy forwarded
 right behind it (a TLS ClientHello, an early command) stays in the kernel's
 buffer for the TLS layer or the protocol to read.
 
@@ -57,10 +56,9 @@ from relaygate.log import event
 from relaygate.networks import Networks
 from relaygate.protocols.proxy import (
     MAX_HEADER_LENGTH,
-    Incomplete,
     ProxyHeader,
     ProxyHeaderError,
-    parse_header,
+    header_part,
 )
 from relaygate.servers.base import LISTEN_BACKLOG
 
@@ -307,17 +305,13 @@ async def read_header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> P
                                    f"({exc.strerror or exc})") from None
         if not chunk:
             raise ProxyHeaderError("connection closed before the PROXY header ended")
-        result = parse_header(seen + chunk)
-        if isinstance(result, Incomplete):
-            take = len(chunk)  # all of it belongs to the header
-        else:
-            take = result.length - len(seen)
+        take, header = header_part(seen, chunk)
         got = conn.recv(take)
         if len(got) != take:  # the kernel hands back what it let us peek at
             raise ProxyHeaderError("PROXY header bytes went missing")
         seen += got
-        if not isinstance(result, Incomplete):
-            return result
+        if header is not None:
+            return header
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
