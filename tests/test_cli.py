@@ -27,15 +27,14 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def test_allow_check_list_revoke_on_default_store(data_dir: Path) -> None:
-    r = run(data_dir, "check", "192.0.2.5")
-    assert r.returncode == 1, r.stderr
-    assert r.stdout.startswith("deny 192.0.2.5")
-    assert (data_dir / "grants.db").exists()
-    assert (data_dir.stat().st_mode & 0o777) == 0o700
-
     r = run(data_dir, "allow", "::FFFF:192.0.2.5", "--user", "alice", "--domain", "example.test")
     assert r.returncode == 0, r.stderr
     assert "allowed 192.0.2.5" in r.stdout
+    assert (data_dir / "grants.db").exists()
+    assert (data_dir.stat().st_mode & 0o777) == 0o700
+    r = run(data_dir, "check", "192.0.2.6")
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.startswith("deny 192.0.2.6")
 
     r = run(data_dir, "check", "192.0.2.5")
     assert r.returncode == 0
@@ -84,6 +83,7 @@ def test_invalid_address_refused_clearly(data_dir: Path, bad: str) -> None:
 def test_rules_check_and_static_rule_decision(tmp_path: Path, data_dir: Path) -> None:
     rules = tmp_path / "rules"
     rules.write_text('127.0.0.:allow,RELAYCLIENT=""\n10.0.0.1:deny\n')
+    assert run(data_dir, "allow", "192.0.2.200").returncode == 0  # the store exists
     r = run(data_dir, "--rules", str(rules), "rules", "check", "127.0.0.9")
     assert r.returncode == 0 and f"{rules}:1 127.0.0." in r.stdout and "(relays)" in r.stdout
     r = run(data_dir, "--rules", str(rules), "rules", "check", "192.0.2.1")
@@ -97,6 +97,7 @@ def test_rules_check_and_static_rule_decision(tmp_path: Path, data_dir: Path) ->
 def test_bad_rules_file_names_file_and_line(tmp_path: Path, data_dir: Path) -> None:
     rules = tmp_path / "rules"
     rules.write_text('# c\n1.2.3.999:allow\n')
+    assert run(data_dir, "allow", "192.0.2.200").returncode == 0  # the store exists
     r = run(data_dir, "--rules", str(rules), "check", "1.2.3.4")
     assert r.returncode == 111
     assert f"{rules}:2" in r.stderr and "1.2.3.999" in r.stderr
@@ -111,7 +112,7 @@ def test_unreachable_store_is_tempfail(data_dir: Path) -> None:
 def test_data_dir_that_cannot_be_created_is_a_configuration_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = run(blocker / "data", "check", "192.0.2.1")
+    r = run(blocker / "data", "allow", "192.0.2.1")
     assert r.returncode == 111, (r.stdout, r.stderr)
     assert r.stderr.strip().splitlines() == [
         f"relaygate: configuration error: cannot create the data directory (Not a directory): "
@@ -139,3 +140,26 @@ def test_every_command_has_help(data_dir: Path) -> None:
         r = run(data_dir, name, "--help")
         assert r.returncode == 0, (name, r.stderr)
         assert "Usage:" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["list"], ["check", "192.0.2.1"], ["revoke", "192.0.2.1"],
+                                  ["age"], ["status"], ["list", "--json"]])
+def test_read_only_commands_never_create_a_store(tmp_path: Path, args: list[str]) -> None:
+    # Run from a directory with no configuration at all (issue 17 point 2).
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
+    r = subprocess.run([*RELAYGATE, *args], capture_output=True, text=True, env=e,
+                       cwd=tmp_path, timeout=60)
+    assert r.returncode != 0
+    assert str(tmp_path / "relaygate-data" / "grants.db") in r.stdout + r.stderr
+    assert "no grant store" in r.stdout + r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_commands_never_create_an_explicit_store(tmp_path: Path) -> None:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
+    for url, path in ((f"sqlite://{tmp_path}/g.db", tmp_path / "g.db"),
+                      (f"spool://{tmp_path}/spool", tmp_path / "spool")):
+        r = subprocess.run([*RELAYGATE, "--store", url, "list"], capture_output=True, text=True,
+                           env=e, cwd=tmp_path, timeout=60)
+        assert r.returncode == 111 and str(path) in r.stderr
+        assert not path.exists()

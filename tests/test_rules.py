@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -214,3 +215,34 @@ def test_prefix_lookup_agrees_with_scanning_every_network(
                ipaddress.IPv6Address(n).ipv4_mapped is None]
     for ip in probes:
         assert rs.match(ip) is _naive_match(rs, ip), ip
+
+
+# -- relaygate rules validate (issue 17 point 9) -------------------------------------------
+
+
+def test_rules_validate_reports_every_bad_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from relaygate.cli import main
+
+    good = tmp_path / "good"
+    good.write_text('# site\n127.0.0.1:allow,RELAYCLIENT=""\n10.0.0.:allow,RELAYCLIENT=""\n'
+                    "192.0.2.9:deny\n:allow\n")
+    r = CliRunner().invoke(main, ["rules", "validate", str(good)])
+    assert r.exit_code == 0, r.output
+    assert f"{good}: OK, 4 rules, 2 relaying, default allow" in r.output
+    assert CliRunner().invoke(main, ["rules", "validate", "-q", str(good)]).output == ""
+
+    bad = tmp_path / "bad"
+    bad.write_text('127.0.0.1:allow,RELAYCLIENT=""\n1.2.3.999:allow\n'
+                   "10.0.0.1:maybe\n2001:db8::/200:deny\n=host.example:allow\n"
+                   '192.0.2.1:allow,RELAYCLIENT="x\n')
+    r = CliRunner().invoke(main, ["rules", "validate", str(bad)])
+    assert r.exit_code == 1
+    for line in (2, 3, 4, 5, 6):
+        assert f"{bad}:{line}: " in r.output, (line, r.output)
+    assert f"{bad}:1:" not in r.output
+    assert "1.2.3.999" in r.output and "5 bad lines" in r.output
+
+    r = CliRunner().invoke(main, ["rules", "validate", str(tmp_path / "missing")])
+    assert r.exit_code == 111 and "cannot read" in r.output

@@ -100,7 +100,7 @@ def test_status_when_serve_never_ran(tmp_path: Path) -> None:
     r = runner.invoke(main, ["--data-dir", str(tmp_path / "d"), "status"])
     assert r.exit_code == 1
     assert "serve: not running (never started" in r.output
-    assert "windows: 0 open" in r.output
+    assert f"windows: unknown (no grant store: {tmp_path / 'd' / 'grants.db'}" in r.output
     assert "queue: 0 queued, 0 deferred" in r.output
     assert not (tmp_path / "d").exists()
 

@@ -101,7 +101,13 @@ class RuleSet:
         return cls.parse(text, str(p))
 
     @classmethod
-    def parse(cls, text: str, source: str = "<rules>") -> RuleSet:
+    def parse(cls, text: str, source: str = "<rules>",
+              errors: list[ConfigError] | None = None) -> RuleSet:
+        """Parse rules text; the first bad line raises ConfigError.
+
+        With an ``errors`` list, every bad line is appended to it instead and
+        skipped (``relaygate rules validate`` reports them all at once).
+        """
         rs = cls()
         nets: list[tuple[_IPNetwork, Rule]] = []
         seen_nets: set[_IPNetwork] = set()
@@ -109,16 +115,23 @@ class RuleSet:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            if len(line) > MAX_RULE_LINE:
-                raise ConfigError("rule line too long", source=source, line=lineno)
-            address, allow, env = _split_rule(line, source, lineno)
+            try:
+                if len(line) > MAX_RULE_LINE:
+                    raise ConfigError("rule line too long", source=source, line=lineno)
+                address, allow, env = _split_rule(line, source, lineno)
+                expanded = _expand_address(address, source, lineno) if address else []
+            except ConfigError as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+                continue
             rule = Rule(address, allow, env, source, lineno)
             rs.count += 1
             if address == "":
                 if rs.default is None:
                     rs.default = rule
                 continue
-            for kind, value in _expand_address(address, source, lineno):
+            for kind, value in expanded:
                 if kind == "exact":
                     assert isinstance(value, str)
                     rs.exact.setdefault(value, rule)

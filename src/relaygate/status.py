@@ -153,7 +153,7 @@ def queue_summary(queue: Any, queue_dir: Path, now: float) -> dict[str, Any]:
         raw = stats()
         data = raw if isinstance(raw, dict) else getattr(raw, "__dict__", {})
         out: dict[str, Any] = {}
-        for key in ("queued", "deferred", "oldest", "total", "quarantined"):
+        for key in ("queued", "deferred", "oldest", "total", "quarantined", "held"):
             if key in data and data[key] is not None:
                 out[key] = data[key]
         out.setdefault("queued", data.get("total", 0))
@@ -243,14 +243,16 @@ def render_text(report: dict[str, Any], now: float) -> str:
         lines.append(text)
     else:
         err = str(store.get("error") or "")
-        why = err if err.startswith("memory store") else "store unreachable"
+        why = err if err.startswith(("memory store", "no grant store")) else "store unreachable"
         lines.append(f"windows: unknown ({why})")
     q = report.get("queue") or {}
     qtext = f"queue: {q.get('queued', 0)} queued, {q.get('deferred', 0)} deferred"
     if "oldest_age" in q:
         qtext += f", oldest {_ago(q['oldest_age'])} old"
+    if q.get("held"):
+        qtext += f", {q['held']} on hold"
     if q.get("quarantined"):
-        qtext += f", {q['quarantined']} quarantined"
+        qtext += f", {q['quarantined']} quarantined (relaygate queue list --quarantine)"
     if q.get("error"):
         qtext = f"queue: unreadable ({q['error']})"
     lines.append(qtext)

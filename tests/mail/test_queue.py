@@ -160,7 +160,7 @@ def test_quarantine_keeps_everything(tmp_path: Path) -> None:
     assert (q.quarantine_dir / f"{qid}.env").read_bytes() == b"garbage"
     assert (q.quarantine_dir / f"{qid}.msg").read_bytes() == b"the message"
     assert "not JSON" in (q.quarantine_dir / f"{qid}.why").read_text()
-    assert q.stats().quarantined == 2
+    assert q.stats().quarantined == 1  # one message, however many files
 
 
 def test_cleanup_removes_stale_tmp_and_moves_old_orphans(tmp_path: Path) -> None:

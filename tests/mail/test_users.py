@@ -178,6 +178,145 @@ async def test_throttle_unknown_users_count_per_address(tmp_path: Path) -> None:
     db.close()
 
 
+class CountingHasher(PasswordHasher):
+    """Counts full password checks; each takes a little while, so attempts overlap."""
+
+    checks = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+        type(self).checks += 1
+        time.sleep(0.01)
+        return bool(super().verify(hash, password))
+
+
+def counting_db(tmp_path: Path, failures: int = 5) -> UserDB:
+    CountingHasher.checks = 0
+    data = tmp_path / "data"
+    auth = AuthSettings(failure_delay=0.05, throttle_failures=failures, throttle_window=60.0,
+                        throttle_lockout=120.0)
+    db = UserDB(data / "users.db", auth, data,
+                hasher=CountingHasher(time_cost=1, memory_cost=8, parallelism=1),
+                default_domain="example.test")
+    db.add("alice", "pw-a")
+    db.add("bob", "pw-b")
+    CountingHasher.checks = 0
+    return db
+
+
+async def test_concurrent_guesses_from_one_address_are_counted_in_flight(tmp_path: Path) -> None:
+    # 20 simultaneous guesses from one address, the right password last: only
+    # the budget (5) gets a password check, the right one is refused unchecked,
+    # and bob, from another address, logs in meanwhile.
+    db = counting_db(tmp_path)
+    guesses = [db.authenticate("alice", f"guess{i}", "127.0.5.1") for i in range(19)]
+    guesses.append(db.authenticate("alice", "pw-a", "127.0.5.1"))
+    *results, bob = await asyncio.gather(*guesses, db.authenticate("bob", "pw-b", "127.0.5.2"))
+    assert not any(r.ok for r in results)
+    assert results[-1].throttled
+    assert sum(not r.throttled for r in results) == 5
+    assert CountingHasher.checks == 5 + 1  # five guesses and bob
+    assert bob.ok
+    assert db.throttle.in_flight("127.0.5.1", "alice") == (0, 0)
+    # Afterwards both the address and the account are locked.
+    assert (await db.authenticate("alice", "pw-a", "127.0.5.3")).throttled
+    assert (await db.authenticate("bob", "pw-b", "127.0.5.1")).throttled
+    db.close()
+
+
+async def test_concurrent_guesses_from_many_addresses_hit_the_account_budget(
+        tmp_path: Path) -> None:
+    # 60 attempts from 60 addresses against one account, the right password
+    # last: the account budget stops them; bob (another account) gets in meanwhile.
+    db = counting_db(tmp_path)
+    guesses = [db.authenticate("alice", f"guess{i}", f"127.0.6.{i}") for i in range(59)]
+    guesses.append(db.authenticate("alice@example.test", "pw-a", "127.0.6.59"))
+    *results, bob = await asyncio.gather(*guesses, db.authenticate("bob", "pw-b", "127.0.6.1"))
+    assert not any(r.ok for r in results)
+    assert results[-1].throttled
+    assert CountingHasher.checks == 5 + 1
+    assert bob.ok
+    assert (await db.authenticate("alice", "pw-a", "127.0.7.1")).throttled
+    db.close()
+
+
+async def test_address_budget_alone_spares_other_addresses(tmp_path: Path) -> None:
+    # One address guesses at many (unknown) accounts: only the address runs out,
+    # so alice from elsewhere logs in while the guesses are still in flight.
+    db = counting_db(tmp_path)
+    guesses = [db.authenticate(f"ghost{i}", "x", "127.0.8.1") for i in range(20)]
+    *results, alice, blocked = await asyncio.gather(
+        *guesses, db.authenticate("alice", "pw-a", "127.0.8.2"),
+        db.authenticate("alice", "pw-a", "127.0.8.1"))
+    assert sum(not r.throttled for r in results) == 5
+    assert alice.ok
+    assert blocked.throttled and not blocked.ok
+    db.close()
+
+
+async def test_apop_attempts_are_counted_in_flight(tmp_path: Path) -> None:
+    db = counting_db(tmp_path)
+    db.add("carol", "pw-c", apop=True)
+    secret = db.apop_secret("carol")
+    assert secret is not None
+    good = hashlib.md5(("<1.2@h>" + secret).encode(), usedforsecurity=False).hexdigest()
+    attempts = [db.authenticate("carol", f"guess{i}", "127.0.9.1") for i in range(4)]
+    attempts += [db.authenticate_apop("carol", "<1.2@h>", "0" * 32, "127.0.9.2"),
+                 db.authenticate_apop("carol", "<1.2@h>", good, "127.0.9.3")]
+    results = await asyncio.gather(*attempts)
+    assert [r.throttled for r in results] == [False] * 5 + [True]
+    assert not any(r.ok for r in results)
+    db.close()
+
+
+async def test_success_and_database_errors_leave_no_reservation(tmp_path: Path) -> None:
+    db = counting_db(tmp_path, failures=2)
+    for _ in range(5):
+        assert (await db.authenticate("alice", "pw-a", "127.0.10.1")).ok
+    assert db.throttle.in_flight("127.0.10.1", "alice") == (0, 0)
+    # One failure, then successes: the budget of two is not eaten by phantoms.
+    assert not (await db.authenticate("alice", "bad", "127.0.10.1")).ok
+    assert (await db.authenticate("alice", "pw-a", "127.0.10.1")).ok
+    assert (await db.authenticate("alice", "pw-a", "127.0.10.1")).ok
+    db._db.close()  # the database goes away: not a failure of the guesser
+    with pytest.raises(UserDBError):
+        await db.authenticate("bob", "pw-b", "127.0.10.2")
+    assert db.throttle.in_flight("127.0.10.2", "bob") == (0, 0)
+
+
+async def test_cancelled_attempt_counts_as_a_failure(tmp_path: Path) -> None:
+    db = counting_db(tmp_path, failures=2)
+    task = asyncio.create_task(db.authenticate("alice", "guess", "127.0.11.1"))
+    await asyncio.sleep(0)  # started: reserved, hash running
+    assert db.throttle.in_flight("127.0.11.1", "alice") == (1, 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert db.throttle.in_flight("127.0.11.1", "alice") == (0, 0)
+    assert not (await db.authenticate("alice", "guess", "127.0.11.1")).throttled
+    assert (await db.authenticate("alice", "pw-a", "127.0.11.1")).throttled
+    db.close()
+
+
+def test_throttle_begin_counts_in_flight_attempts() -> None:
+    t = Throttle(3, window=60, lockout=100)
+    a = [t.begin("1.2.3.4", "alice", now=0) for _ in range(3)]
+    assert all(x is not None for x in a)
+    assert t.begin("1.2.3.4", "alice", now=0) is None  # both budgets spent
+    assert t.begin("1.2.3.4", "bob", now=0) is None  # the address is spent
+    assert t.begin("5.6.7.8", "alice", now=0) is None  # the account is spent
+    other = t.begin("5.6.7.8", "bob", now=0)
+    assert other is not None
+    other.succeeded()
+    # They finish in any order; failures lock, successes release.
+    assert a[2] is not None and a[0] is not None and a[1] is not None
+    a[2].succeeded()
+    assert not a[0].failed(now=1)
+    assert t.begin("9.9.9.9", "alice", now=1) is not None  # one place free again
+    assert not a[1].failed(now=2)
+    a[1].failed(now=2)  # ending twice does nothing
+    assert t.in_flight("1.2.3.4", "alice") == (0, 1)
+
+
 def test_throttle_lockout_expires_and_does_not_extend() -> None:
     t = Throttle(3, window=60, lockout=100)
     for s in (0, 1, 2):

@@ -13,11 +13,14 @@ import hashlib
 import poplib
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
+from argon2 import PasswordHasher
 from pop3_harness import (
     BrokenStore,
     POP3From,
@@ -30,6 +33,7 @@ from pop3_harness import (
 from conftest import have_ipv6_loopback
 from relaygate.config import AuthSettings
 from relaygate.errors import ConfigError
+from relaygate.mail.directory import LoginResult
 from relaygate.mail.maildir import deliver
 from relaygate.servers.base import Listen
 
@@ -150,6 +154,64 @@ async def test_throttling_refuses_even_the_right_password(tmp_path: Path) -> Non
         assert h.grant("127.0.0.4") is not None
         assert h.metric("relaygate_logins_total", protocol="pop3", result="throttled") == 3
     finally:
+        await h.stop()
+
+
+class SlowHasher(PasswordHasher):
+    """A password check that takes a while, so concurrent logins overlap."""
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+        time.sleep(0.02)
+        return bool(super().verify(hash, password))
+
+
+async def test_concurrent_guesses_over_pop3_are_refused(tmp_path: Path) -> None:
+    # Twenty connections from one address send their PASS at once, the right
+    # password last: at most the budget (5) is checked, the right one is
+    # refused, and no relay window opens. Another user from elsewhere gets in.
+    auth = AuthSettings(failure_delay=0.05, throttle_failures=5, throttle_window=60,
+                        throttle_lockout=60)
+    h = await start_pop3(tmp_path, auth=auth, pop3={"max_connections_per_ip": 50})
+    h.db.add("alice", "alice-pw")
+    h.db.add("carol", "carol-pw")
+    h.db.hasher = SlowHasher(time_cost=1, memory_cost=8, parallelism=1)
+    conns = []
+    try:
+        for _ in range(20):
+            r, w = await asyncio.open_connection("127.0.0.1", h.port(),
+                                                 local_addr=("127.0.0.2", 0))
+            assert (await r.readline()).startswith(b"+OK")
+            w.write(b"USER alice\r\n")
+            assert (await r.readline()).startswith(b"+OK")
+            conns.append((r, w))
+        begun = 0
+        authenticate = h.db.authenticate
+
+        async def counted(*args: Any, **kw: Any) -> LoginResult:
+            nonlocal begun
+            begun += 1
+            return await authenticate(*args, **kw)
+
+        h.db.authenticate = counted  # type: ignore[method-assign]
+        for i, (_, w) in enumerate(conns[:19]):
+            w.write(f"PASS guess{i}\r\n".encode())
+        while begun < 19:  # every guess has reached the server: now the right one
+            await asyncio.sleep(0.001)
+        conns[19][1].write(b"PASS alice-pw\r\n")
+        carol = asyncio.to_thread(
+            raw_session, h.port(), [b"USER carol\r\n", b"PASS carol-pw\r\n", b"QUIT\r\n"],
+            "127.0.0.3")
+        replies, carol_replies = await asyncio.gather(
+            asyncio.gather(*(r.readline() for r, _ in conns)), carol)
+        assert not any(line.startswith(b"+OK") for line in replies), replies
+        assert replies[-1].startswith(b"-ERR [SYS/TEMP]")
+        assert sum(line.startswith(b"-ERR [SYS/TEMP]") for line in replies) == 15
+        assert h.grant("127.0.0.2") is None
+        assert carol_replies[2].startswith(b"+OK")
+        assert h.grant("127.0.0.3") is not None
+    finally:
+        for _, w in conns:
+            w.close()
         await h.stop()
 
 

@@ -12,7 +12,7 @@ from relaygate.addresses import parse_ip
 from relaygate.cli import EXIT_TEMPFAIL, settings_from
 from relaygate.decision import Verdict
 from relaygate.errors import InvalidAddress
-from relaygate.runtime import build_control
+from relaygate.runtime import build_control, require_store
 
 
 def _ip(value: str) -> str:
@@ -22,8 +22,12 @@ def _ip(value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
-def _control(ctx: click.Context) -> Any:
-    return build_control(settings_from(ctx))
+def _control(ctx: click.Context, *, create: bool = False) -> Any:
+    """The relay control; read-only commands (``create`` False) never create a store."""
+    settings = settings_from(ctx)
+    if not create:
+        require_store(settings)
+    return build_control(settings)
 
 
 @click.command()
@@ -37,7 +41,7 @@ def allow(ctx: click.Context, ip: str, user: str | None, domain: str | None, ttl
           source: str) -> None:
     """Open a relay window for IP."""
     canonical = _ip(ip)
-    control = _control(ctx)
+    control = _control(ctx, create=True)
     grant = control.open_window(canonical, user=user, domain=domain, source=source, ttl=ttl)
     click.echo(f"allowed {grant.ip} until {_fmt_time(grant.expires_at)}"
                f" ({int(grant.expires_at - grant.opened_at)}s)")
@@ -147,6 +151,50 @@ def rules_check(ctx: click.Context, ip: str) -> None:
     env = ",".join(f'{k}="{v}"' for k, v in rule.env.items())
     relays = "relays" if rule.relays else "does not relay"
     click.echo(f"{canonical}: {rule.describe()} {action}{',' + env if env else ''} ({relays})")
+
+
+@rules.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-q", "--quiet", is_flag=True, help="Print only the bad lines.")
+def rules_validate(file: str, quiet: bool) -> None:
+    """Check a rules FILE before serve or policyd reloads it (SIGHUP).
+
+    Prints FILE:LINE and the reason for every bad line. Exit status: 0 the file
+    is good, 1 it has bad lines, 111 it cannot be read.
+    """
+    from relaygate.errors import ConfigError
+    from relaygate.rules import RuleSet
+
+    try:
+        with open(file, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        click.echo(f"{file}: cannot read: {reason}", err=True)
+        raise SystemExit(EXIT_TEMPFAIL) from None
+    errors: list[ConfigError] = []
+    rs = RuleSet.parse(text, file, errors=errors)
+    for err in errors:
+        click.echo(str(err), err=True)
+    if errors:
+        click.echo(f"{file}: {len(errors)} bad line{'s' if len(errors) != 1 else ''}", err=True)
+        raise SystemExit(1)
+    if not quiet:
+        relaying = sum(1 for r in _all_rules(rs) if r.relays)
+        default = rs.default
+        shown = "none" if default is None else ("allow" if default.allow else "deny")
+        if default is not None and default.relays:
+            shown += " (relays)"
+        click.echo(f"{file}: OK, {len(rs)} rule{'s' if len(rs) != 1 else ''}, "
+                   f"{relaying} relaying, default {shown}")
+
+
+def _all_rules(rs: Any) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for rule in [*rs.exact.values(), *(r for _, r in rs.networks), rs.default]:
+        if rule is not None:
+            seen.setdefault(id(rule), rule)
+    return list(seen.values())
 
 
 def _fmt_time(t: float) -> str:

@@ -150,7 +150,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     serve is running, 1 when it is not.
     """
     from relaygate.errors import RelaygateError
-    from relaygate.runtime import build_control
+    from relaygate.runtime import build_control, require_store
     from relaygate.status import build_report, render_text
 
     settings = settings_from(ctx)
@@ -161,9 +161,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
     has_store = settings.store is not None or (data_dir / "grants.db").exists()
     if has_store and not settings.store_url.startswith("memory:"):
         try:
+            require_store(settings)
             control = build_control(settings)
         except RelaygateError as exc:
             open_error = str(exc)
+    elif not has_store:
+        # Never create one here: an empty store would read as "nobody logged in".
+        open_error = (f"no grant store: {(data_dir / 'grants.db').absolute()} does not exist "
+                      "(give --data-dir, --store or --config)")
     queue = None
     if (data_dir / "queue").is_dir():
         try:

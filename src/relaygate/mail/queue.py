@@ -16,6 +16,8 @@ On-disk format (``settings.data_dir / "queue"``, every directory mode 0700)::
                       messages (orphan-<id>.msg); kept for the administrator
     quarantine/postmaster/
                       double bounces when there is no postmaster mailbox
+    hold/<id>         envelopes on hold (``relaygate queue hold``): the worker
+                      does not see them; ``queue release`` moves them back
     lock              flock()ed by the one delivery worker of this directory
     flush             present = "retry everything now" (``relaygate queue flush``)
 
@@ -219,10 +221,37 @@ class QueueStats:
     deferred: int = 0
     oldest: float | None = None
     oldest_age: float | None = None
+    #: quarantined items (a corrupt envelope with its message counts once)
     quarantined: int = 0
+    #: messages on hold (``relaygate queue hold``)
+    held: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuarantineItem:
+    """One thing in ``quarantine/``, named for ``relaygate queue ... --quarantine NAME``.
+
+    ``kind``: ``envelope`` (``<id>.env``/``<id>.msg`` with a ``.why``: corrupt
+    envelope or missing message), ``orphan`` (``orphan-<id>.msg``: a message
+    never acknowledged) or ``double-bounce`` (``postmaster/<file>.eml``: a
+    bounce nobody could receive).
+    """
+
+    name: str
+    kind: str
+    when: float
+    size: int
+    reason: str
+    paths: tuple[Path, ...]
+
+
+#: names ``quarantined()`` hands out; nothing else is accepted back (no path tricks)
+QUARANTINE_NAME_RE = re.compile(
+    r"(?P<id>[0-9a-f]{24})|orphan-(?P<orphan>[0-9a-f]{24})"
+    r"|bounce-(?P<bounce>[0-9a-f]{24}\.[0-9a-f]{8})")
 
 
 @dataclass
@@ -391,7 +420,191 @@ class Queue:
             (self.msg_dir / qid).unlink()
         return found
 
-    delete = remove
+    def delete(self, qid: str) -> bool:
+        """Remove a message on request, whether queued or on hold."""
+        found = self.remove(qid)
+        held = self.directory / "hold" / qid
+        try:
+            held.unlink()
+        except FileNotFoundError:
+            return found
+        with contextlib.suppress(FileNotFoundError):
+            (self.msg_dir / qid).unlink()
+        return True
+
+    # -- hold and release (postsuper -h / -H) ----------------------------------
+
+    @property
+    def hold_dir(self) -> Path:
+        return self.directory / "hold"
+
+    def hold(self, qid: str) -> bool:
+        """Put a queued message on hold; False when there is no such queued message.
+
+        The envelope moves to ``hold/``, so the worker stops seeing it; a
+        delivery already in flight ends as if the message had been deleted
+        (the recipients it finished stay finished in the held envelope only
+        when it had saved them before).
+        """
+        _check_id(qid)
+        self.hold_dir.mkdir(exist_ok=True, mode=0o700)
+        try:
+            os.rename(self.env_dir / qid, self.hold_dir / qid)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.hold_dir)
+        _fsync_dir(self.env_dir)
+        return True
+
+    def release(self, qid: str, now: float | None = None) -> bool:
+        """Move a held message back to the queue, due now; False when it is not held.
+
+        A running worker picks it up at its next directory scan
+        (``RESCAN_INTERVAL``) or at once after ``queue flush``.
+        """
+        _check_id(qid)
+        src = self.hold_dir / qid
+        try:
+            with open(src, "rb") as f:
+                raw = f.read(MAX_ENVELOPE_BYTES + 1)
+        except FileNotFoundError:
+            return False
+        env = Envelope.from_json(qid, raw)
+        env.next_attempt = time.time() if now is None else now
+        tmp = self.tmp_dir / f"{qid}.{secrets.token_hex(4)}.env"
+        _write_file(tmp, env.to_json())
+        os.rename(tmp, self.env_dir / qid)
+        _fsync_dir(self.env_dir)
+        src.unlink()
+        _fsync_dir(self.hold_dir)
+        return True
+
+    def held_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.hold_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if ID_RE.fullmatch(n))
+
+    def held_envelopes(self) -> Iterator[Envelope | tuple[str, CorruptEnvelope]]:
+        """Every envelope on hold, in id order; corrupt ones as (id, error)."""
+        for qid in self.held_ids():
+            try:
+                with open(self.hold_dir / qid, "rb") as f:
+                    raw = f.read(MAX_ENVELOPE_BYTES + 1)
+                yield Envelope.from_json(qid, raw)
+            except FileNotFoundError:
+                continue
+            except CorruptEnvelope as exc:
+                yield qid, exc
+
+    # -- the quarantine ----------------------------------------------------------
+
+    def quarantined(self) -> list[QuarantineItem]:
+        """Everything in ``quarantine/``, oldest first (see :class:`QuarantineItem`)."""
+        items: list[QuarantineItem] = []
+        qdir = self.quarantine_dir
+        try:
+            names = set(os.listdir(qdir))
+        except FileNotFoundError:
+            return []
+        ids = {n[:24] for n in names if ID_RE.fullmatch(n[:24]) and n[24:] in (".env", ".msg")}
+        for qid in ids:
+            paths = tuple(qdir / f"{qid}{s}" for s in (".env", ".msg", ".why")
+                          if f"{qid}{s}" in names)
+            reason = ""
+            with contextlib.suppress(OSError):
+                reason = (qdir / f"{qid}.why").read_text("utf-8", "replace").strip()
+            items.append(self._item(qid, "envelope", reason or "(no reason recorded)", paths))
+        for n in names:
+            m = re.fullmatch(r"orphan-([0-9a-f]{24})\.msg", n)
+            if m:
+                items.append(self._item(f"orphan-{m.group(1)}", "orphan",
+                                        "message without an envelope: never acknowledged",
+                                        (qdir / n,)))
+        with contextlib.suppress(FileNotFoundError):
+            for n in os.listdir(qdir / "postmaster"):
+                m = re.fullmatch(r"([0-9a-f]{24}\.[0-9a-f]{8})\.eml", n)
+                if m:
+                    items.append(self._item(f"bounce-{m.group(1)}", "double-bounce",
+                                            "bounce nobody could receive (no postmaster mailbox)",
+                                            (qdir / "postmaster" / n,)))
+        items.sort(key=lambda i: (i.when, i.name))
+        return items
+
+    @staticmethod
+    def _item(name: str, kind: str, reason: str, paths: tuple[Path, ...]) -> QuarantineItem:
+        when, size = 0.0, 0
+        for p in paths:
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                when = max(when, st.st_mtime)
+                if p.suffix in (".msg", ".eml"):
+                    size = st.st_size
+        return QuarantineItem(name, kind, when, size, reason, paths)
+
+    def find_quarantined(self, name: str) -> QuarantineItem | None:
+        """The quarantined item called ``name`` (as listed), or None."""
+        if not QUARANTINE_NAME_RE.fullmatch(name):
+            raise QueueError(f"not a quarantine name: {name!r} (see `queue list --quarantine`)")
+        for item in self.quarantined():
+            if item.name == name:
+                return item
+        return None
+
+    def read_quarantined(self, item: QuarantineItem) -> bytes:
+        """The message bytes of a quarantined item (FileNotFoundError when it has none)."""
+        for p in item.paths:
+            if p.suffix in (".msg", ".eml"):
+                return p.read_bytes()
+        raise FileNotFoundError(f"{item.name}: no message file")
+
+    def delete_quarantined(self, item: QuarantineItem) -> None:
+        for p in item.paths:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def release_quarantined(self, item: QuarantineItem, to: str | None = None) -> str:
+        """Put a quarantined item back into the queue; the queue id it now has.
+
+        A quarantined envelope goes back as it is (the administrator repaired
+        it): QueueError when it still does not parse or its message is
+        missing. An orphan or a double bounce has no usable envelope: it is
+        queued anew with the null sender to ``to`` (QueueError without one).
+        """
+        if item.kind == "envelope":
+            qid = item.name
+            env_q = self.quarantine_dir / f"{qid}.env"
+            msg_q = self.quarantine_dir / f"{qid}.msg"
+            if not msg_q.exists():
+                raise QueueError(f"{qid}: the message file is missing; nothing to release")
+            try:
+                raw = env_q.read_bytes()
+            except FileNotFoundError:
+                raise QueueError(f"{qid}: the envelope is missing; nothing to release") from None
+            try:
+                env = Envelope.from_json(qid, raw)
+            except CorruptEnvelope as exc:
+                raise QueueError(f"{qid}: the envelope is still corrupt ({exc}); repair "
+                                 f"{env_q} first") from None
+            if to is not None:
+                raise QueueError(f"{qid}: a quarantined envelope keeps its own recipients "
+                                 "(no --to)")
+            env.next_attempt = time.time()
+            os.rename(msg_q, self.msg_dir / qid)
+            _fsync_dir(self.msg_dir)
+            tmp = self.tmp_dir / f"{qid}.{secrets.token_hex(4)}.env"
+            _write_file(tmp, env.to_json())
+            os.rename(tmp, self.env_dir / qid)
+            _fsync_dir(self.env_dir)
+            self.delete_quarantined(item)
+            return qid
+        if not to:
+            raise QueueError(f"{item.name}: a {item.kind} has no envelope; say whom to send "
+                             "it to (--to ADDRESS)")
+        qid = self.enqueue("", [to], self.read_quarantined(item))
+        self.delete_quarantined(item)
+        return qid
 
     def quarantine(self, qid: str, why: str) -> Path:
         """Move envelope and message (whatever exists) to quarantine/ with a reason file."""
@@ -468,9 +681,8 @@ class Queue:
                 st.oldest = item.created
         if st.oldest is not None:
             st.oldest_age = max(0.0, now - st.oldest)
-        with contextlib.suppress(FileNotFoundError):
-            st.quarantined = sum(1 for n in os.listdir(self.quarantine_dir)
-                                 if n.endswith((".env", ".msg")))
+        st.quarantined = len(self.quarantined())
+        st.held = len(self.held_ids())
         return st
 
     # -- maintenance -----------------------------------------------------------
@@ -484,13 +696,14 @@ class Queue:
                 if now - entry.stat().st_mtime > stale_age:
                     os.unlink(entry.path)
                     report.tmp_removed.append(entry.name)
-        envs = set(self.ids())
+        envs = set(self.ids()) | set(self.held_ids())
         for entry in os.scandir(self.msg_dir):
             if entry.name in envs or not ID_RE.fullmatch(entry.name):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 if now - entry.stat().st_mtime > stale_age and \
-                        not (self.env_dir / entry.name).exists():
+                        not (self.env_dir / entry.name).exists() and \
+                        not (self.hold_dir / entry.name).exists():
                     os.rename(entry.path, self.quarantine_dir / f"orphan-{entry.name}.msg")
                     report.orphans_moved.append(entry.name)
         if report.orphans_moved:

@@ -33,8 +33,10 @@ verified with libpass and replaced by an argon2id hash at the next successful
 login, as are argon2 hashes with parameters other than the current ones.
 
 Login rules (:meth:`UserDB.authenticate`): see :mod:`relaygate.mail.throttle`
-for the per-address and per-account lockout. A throttled attempt is refused
-without checking the password. An unknown login is checked against a dummy
+for the per-address and per-account lockout. Each attempt reserves its place
+in both budgets before its password is checked, so concurrent guesses count
+while still in flight; a throttled or over-budget attempt is refused without
+checking the password. An unknown login is checked against a dummy
 hash with the same parameters, so it costs what a known one costs, and every
 failure is answered ``AuthSettings.failure_delay`` seconds after the attempt
 began (or when the hash check ends, if that is later): the answer time says
@@ -72,7 +74,7 @@ from relaygate.errors import RelaygateError
 from relaygate.log import event
 from relaygate.mail.directory import Account, LoginResult
 from relaygate.mail.maildir import ensure_maildir
-from relaygate.mail.throttle import Throttle
+from relaygate.mail.throttle import Attempt, Throttle
 
 if TYPE_CHECKING:
     from relaygate.config import AuthSettings, Settings
@@ -418,12 +420,23 @@ class UserDB:
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
-        if self.throttle.locked(ip, self._throttle_key(login)):
+        attempt = self.throttle.begin(ip, self._throttle_key(login))
+        if attempt is None:
             return await self._throttled(start, login, ip, service)
-        account, why = await self._run(self._verify_sync, login, password)
+        try:
+            account, why = await self._run(self._verify_sync, login, password)
+        except UserDBError:
+            attempt.abandoned()  # no check was made: the database failed, not the guess
+            raise
+        except BaseException:
+            # Cancelled (the client went away) or a bug: count a failure, so
+            # dropping the connection mid-check buys no extra guess.
+            attempt.failed()
+            raise
         if account is not None:
+            attempt.succeeded()
             return LoginResult(account)
-        return await self._failed(start, login, ip, service, why)
+        return await self._failed(start, attempt, login, ip, service, why)
 
     async def authenticate_apop(self, login: str, timestamp: str, digest: str, ip: str, *,
                                 service: str | None = "pop3") -> LoginResult:
@@ -433,18 +446,24 @@ class UserDB:
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
-        if self.throttle.locked(ip, self._throttle_key(login)):
+        attempt = self.throttle.begin(ip, self._throttle_key(login))
+        if attempt is None:
             return await self._throttled(start, login, ip, service)
-        account = self.find_account(login)
-        secret = self.apop_secret(login)
+        try:
+            account = self.find_account(login)
+            secret = self.apop_secret(login)
+        except UserDBError:
+            attempt.abandoned()
+            raise
         why = "unknown user" if account is None else "apop not enabled"
         if account is not None and secret is not None:
             expected = hashlib.md5((timestamp + secret).encode("utf-8"),
                                    usedforsecurity=False).hexdigest()
             if hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "replace")):
+                attempt.succeeded()
                 return LoginResult(account)
             why = "wrong digest"
-        return await self._failed(start, login, ip, service, why)
+        return await self._failed(start, attempt, login, ip, service, why)
 
     def _throttle_key(self, login: str) -> str:
         """The account name failures are counted under: one key per account, however
@@ -459,10 +478,10 @@ class UserDB:
         await self._delay(start)
         return LoginResult(None, throttled=True)
 
-    async def _failed(self, start: float, login: str, ip: str, service: str | None,
-                      why: str) -> LoginResult:
-        key = self._throttle_key(login)
-        tipped = self.throttle.record_failure(ip, key)
+    async def _failed(self, start: float, attempt: Attempt, login: str, ip: str,
+                      service: str | None, why: str) -> LoginResult:
+        key = attempt.keys[1].removeprefix("acct:")
+        tipped = attempt.failed()
         event("login.failed", level=logging.WARNING, user=_loggable(login), ip=ip,
               service=service, reason=why)
         if tipped:
