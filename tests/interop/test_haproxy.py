@@ -319,3 +319,25 @@ def test_relaygate_tcpserver_behind_haproxy(tmp_path: Path) -> None:
             h.stop()
         proc.terminate()
         proc.wait(20)
+
+
+def test_per_address_limit_counts_the_client_not_the_proxy(serve: Serve,
+                                                           haproxy: HAProxy) -> None:
+    """smtp.max_connections_per_ip (20) applies to each client behind the proxy."""
+    port = haproxy.ports["smtp_v2"]
+    held = []
+    try:
+        for _ in range(20):
+            c = LineClient(CLIENT, PROXY_ADDRESS, port)
+            held.append(c)
+            assert c.line().startswith(b"220")
+        extra = LineClient(CLIENT, PROXY_ADDRESS, port)
+        held.append(extra)
+        assert extra.line().startswith(b"421 4.7.0")
+        # another client behind the same proxy is not affected
+        other = LineClient(STRANGER, PROXY_ADDRESS, port)
+        held.append(other)
+        assert other.line().startswith(b"220")
+    finally:
+        for c in held:
+            c.close()
