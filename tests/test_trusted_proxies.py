@@ -95,3 +95,40 @@ def test_dovecot_hook_refuses_a_trusted_proxys_address(tmp_path: Path) -> None:
         assert [g.ip for g in store.list(0)] == ["192.0.2.7"]
     finally:
         store.close()
+
+
+def _context(tmp_path: Path) -> object:
+    from relaygate.config import Settings
+    from relaygate.mail.directory import StaticDirectory
+    from relaygate.metrics import Metrics
+    from relaygate.servers.base import Context
+
+    return Context(Settings(data_dir=tmp_path), RelayControl(MemoryStore()), Metrics(),
+                   StaticDirectory())
+
+
+def test_pop3_plaintext_on_a_loopback_listener_is_not_for_forwarded_clients(
+        tmp_path: Path) -> None:
+    from relaygate.servers.base import Listen
+    from relaygate.servers.pop3 import Pop3Service
+
+    svc = Pop3Service(_context(tmp_path))
+    loop_listener = Listen("127.0.0.1", 110)
+    assert svc._config(loop_listener, "198.51.100.7", False).plaintext_without_tls
+    assert not svc._config(loop_listener, "198.51.100.7", False,
+                           proxied=True).plaintext_without_tls
+    assert svc._config(loop_listener, "127.0.0.21", False, proxied=True).plaintext_without_tls
+
+
+async def test_smtp_forwarded_clients_get_their_own_auth_rule_and_local_relays_nothing(
+        tmp_path: Path) -> None:
+    from relaygate.servers.accept import Peer
+    from relaygate.servers.smtp import ListenerInfo, make_services
+
+    (svc, *_) = make_services(_context(tmp_path))
+    info = ListenerInfo("smtp", plaintext_auth=True)  # a loopback listener's
+    assert svc.make_protocol(info, Peer("198.51.100.7")).client.plaintext_auth
+    forwarded = svc.make_protocol(info, Peer("198.51.100.7", 1, proxy="127.0.0.9"))
+    assert not forwarded.client.plaintext_auth and forwarded.client.fixed is None
+    local = svc.make_protocol(info, Peer("127.0.0.9", 1, proxy="127.0.0.9", local=True))
+    assert local.client.fixed is not None and not local.client.fixed.allowed

@@ -96,6 +96,8 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 @dataclass(eq=False)
 class _Session:
     ip: str | None
+    #: forwarded by a trusted proxy (the listener's own address then says nothing)
+    proxied: bool = False
     task: asyncio.Task[None] | None = None
     user: str | None = None
     #: waiting for the client's next command (safe to cut at shutdown)
@@ -249,7 +251,7 @@ class Pop3Service:
             event("pop3.refused", ip=ip, reason="too many connections")
             return
         self._per_ip[key] = self._per_ip.get(key, 0) + 1
-        session = _Session(ip)
+        session = _Session(ip, proxied=peer.proxy is not None)
         self._sessions.add(session)
         self.ctx.metrics.connections.labels("pop3").inc()
         session.task = asyncio.get_running_loop().create_task(
@@ -281,9 +283,11 @@ class Pop3Service:
                 self._per_ip.pop(key, None)
             self.ctx.metrics.connections.labels("pop3").dec()
 
-    def _config(self, listen: Listen, ip: str | None, implicit: bool) -> Pop3Config:
+    def _config(self, listen: Listen, ip: str | None, implicit: bool,
+                proxied: bool = False) -> Pop3Config:
         s = self.settings
-        loopback = listen.loopback or (ip is not None and is_loopback(ip))
+        # A forwarded connection says nothing about the listener: the client's address does.
+        loopback = (listen.loopback and not proxied) or (ip is not None and is_loopback(ip))
         apop = None
         if callable(getattr(self.directory, "authenticate_apop", None)):
             host = (s.hostname or socket.gethostname() or "localhost").replace(">", "")
@@ -300,7 +304,7 @@ class Pop3Service:
     async def _session(self, session: _Session, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter, listen: Listen, implicit: bool) -> None:
         timeout = self.settings.pop3.idle_timeout
-        conn = Pop3Connection(self._config(listen, session.ip, implicit))
+        conn = Pop3Connection(self._config(listen, session.ip, implicit, session.proxied))
 
         async def send(data: bytes) -> None:
             if data:
