@@ -57,6 +57,9 @@ class SmtpSettings:
     #: refused RCPTs (unknown user, relay denied) before the session is ended with 421:
     #: a dictionary-attack guard, separate from the bad-command budget
     max_refused_recipients: int = 50
+    #: bytes of message data held in memory by all DATA transfers together (the rest
+    #: is on disk already); at the limit transfers pause reading until writes finish
+    data_memory_limit: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,12 @@ _POSITIVE = {
     "policy.idle_timeout", "policy.threads", "logwatch.interval",
 }
 
+#: lower bounds above zero, with why
+_MINIMUM: dict[str, int] = {
+    # one message may hold this much on its way to disk (servers/smtp_data.MESSAGE_BUFFER)
+    "smtp.data_memory_limit": 1024 * 1024,
+}
+
 
 @dataclass(frozen=True)
 class _Value:
@@ -376,6 +385,8 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             raise bad("expected a number")
         if key in _POSITIVE and num <= 0:
             raise bad("must be greater than zero")
+        if key in _MINIMUM and num < _MINIMUM[key]:
+            raise bad(f"must be at least {_MINIMUM[key]}")
         return num
     if tp is str:
         if not isinstance(raw, str):

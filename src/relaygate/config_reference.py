@@ -64,6 +64,9 @@ DESCRIPTIONS: dict[str, str] = {
     "smtp.max_recipients": "Most RCPT TO per message.",
     "smtp.command_timeout": "Seconds a client may idle between commands.",
     "smtp.data_timeout": "Seconds DATA may stay silent (time since the last bytes received).",
+    "smtp.data_memory_limit": "Bytes of message data all DATA transfers together hold in "
+                              "memory on the way to disk (at least 1048576); at the limit "
+                              "transfers pause reading until writes finish.",
     "smtp.max_connections_per_ip": "Concurrent SMTP connections from one address.",
     "smtp.bad_command_limit": "Bad commands before the connection is closed.",
     "smtp.auth_require_tls": "AUTH only after STARTTLS, except on loopback listeners.",

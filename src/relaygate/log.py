@@ -84,3 +84,6 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     root.propagate = False
+    # aiosmtpd's own logger warns about what clients send ("unrecognised: <their
+    # bytes>", raw, to stderr); relaygate logs what matters about clients itself.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

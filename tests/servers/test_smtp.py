@@ -329,6 +329,21 @@ def test_delivery_failure_is_451_without_details(h: SmtpHarness) -> None:
     r.close()
     assert reply.startswith("451 4.3.0")
     assert "disk" not in reply and "secret" not in reply and "OSError" not in reply
+    assert h.queue.items == [] and h.queue.partial_files() == []
+
+
+def test_spool_that_cannot_be_opened_is_451_to_data(h: SmtpHarness) -> None:
+    assert h.queue is not None
+    h.queue.fail_open = True
+    r = raw(h, RULE_IP)
+    assert rcpt(r, "x@remote.invalid").startswith("250")
+    reply = r.cmd("DATA")
+    assert reply.startswith("451 4.3.0") and "disk" not in reply
+    h.queue.fail_open = False
+    assert r.cmd("DATA").startswith("354")  # the transaction is still open
+    assert r.cmd(MSG + b".").startswith("250")
+    r.close()
+    assert len(h.queue.items) == 1
 
 
 def test_unexpected_exception_is_451_without_details(h: SmtpHarness) -> None:

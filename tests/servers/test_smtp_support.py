@@ -41,33 +41,79 @@ PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
 
 
 class FakeQueue:
-    """Writes ``<id>.msg`` and ``<id>.env`` (fsynced), like the real queue's enqueue."""
+    """Writes ``<id>.msg`` and ``<id>.env`` (fsynced), like the real queue's enqueue.
+
+    ``open_message`` gives a writer that appends to ``<id>.part`` as the data
+    arrives and renames it to ``<id>.msg`` on commit, as the real queue's does.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.items: list[tuple[str, list[str], bytes]] = []
+        #: the disk fails when a message is committed (fail) or opened (fail_open)
         self.fail = False
+        self.fail_open = False
         self._n = 0
         self._lock = threading.Lock()
 
     def enqueue(self, sender: str, recipients: list[str], data: bytes) -> str:
-        if self.fail:
+        writer = self.open_message(sender, recipients)
+        writer.write(data)
+        return writer.commit()
+
+    def open_message(self, sender: str, recipients: list[str]) -> FakeQueueWriter:
+        if self.fail_open:
             raise OSError("disk full at /secret/path/queue")
         with self._lock:
             self._n += 1
             qid = f"q{self._n}"
-        for name, body in ((f"{qid}.msg", data),
-                           (f"{qid}.env", "\0".join([sender, *recipients]).encode())):
-            fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, body)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        with self._lock:
-            self.items.append((sender, list(recipients), data))
-        return qid
+        return FakeQueueWriter(self, qid, sender, list(recipients))
+
+    def partial_files(self) -> list[Path]:
+        return sorted(self.directory.glob("*.part"))
+
+
+class FakeQueueWriter:
+    def __init__(self, queue: FakeQueue, qid: str, sender: str, recipients: list[str]) -> None:
+        self.queue = queue
+        self.qid = qid
+        self.sender = sender
+        self.recipients = recipients
+        self.part = queue.directory / f"{qid}.part"
+        self.fd: int | None = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def commit(self) -> str:
+        assert self.fd is not None
+        if self.queue.fail:
+            raise OSError("disk full at /secret/path/queue")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        msg = self.queue.directory / f"{self.qid}.msg"
+        os.rename(self.part, msg)
+        env = self.queue.directory / f"{self.qid}.env"
+        fd = os.open(env, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, "\0".join([self.sender, *self.recipients]).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self.queue._lock:
+            self.queue.items.append((self.sender, list(self.recipients), msg.read_bytes()))
+        return self.qid
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.part.unlink(missing_ok=True)
 
 
 class FailingStore(MemoryStore):

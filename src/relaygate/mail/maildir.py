@@ -1,7 +1,8 @@
 """Maildir delivery (the tmp/ -> new/ protocol) shared by SMTP, bounces and APPEND.
 
-A message is written to ``tmp/UNIQUE``, fsynced, then renamed to
-``new/UNIQUE`` and the directory fsynced, so a reader never sees a partial
+A message is written to ``tmp/UNIQUE`` (all at once, or piece by piece as it
+arrives: :class:`MaildirWriter`), fsynced, then renamed to
+``new/UNIQUE,S=<size>`` and the directory fsynced, so a reader never sees a partial
 message and a crash after the reply loses nothing. Unique names follow the
 modern convention ``SECONDS.M<usec>P<pid>Q<counter>.HOST`` (usec in six digits) with
 ``,S=<size>`` so readers can learn the size without a stat.
@@ -55,28 +56,70 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class MaildirWriter:
+    """One message written into ``maildir/tmp`` piece by piece, then moved to ``new/``.
+
+    For messages that arrive over the network: each :meth:`write` goes to the
+    file at once, so memory never holds the message. Synchronous (run it on a
+    thread from asyncio); :meth:`discard` removes the file and may be called
+    any number of times, but not while another thread is in :meth:`write`.
+    """
+
+    def __init__(self, maildir: Path, prefix: bytes = b"") -> None:
+        ensure_maildir(maildir)
+        self.maildir = maildir
+        self.name = unique_name()
+        self.tmp = maildir / "tmp" / self.name
+        self.size = 0
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if prefix:
+            try:
+                self.write(prefix)
+            except BaseException:
+                self.discard()
+                raise
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None, "write after commit or discard"
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def commit(self, *, subdir: str = "new", flags: str = "") -> Path:
+        """fsync, move into ``subdir`` (``cur`` takes ``flags``), fsync it; the final path."""
+        assert self._fd is not None, "commit after commit or discard"
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            name = f"{self.name},S={self.size}"
+            final = self.maildir / subdir / (name if subdir == "new" else f"{name}:2,{flags}")
+            os.rename(self.tmp, final)
+        except BaseException:
+            self.discard()
+            raise
+        _fsync_dir(self.maildir / subdir)
+        return final
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing was delivered)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
 def deliver(maildir: Path, data: bytes, *, subdir: str = "new", flags: str = "") -> Path:
     """Durably deliver ``data`` into ``maildir`` (created if missing); return the final path.
 
     ``subdir="cur"`` with ``flags`` (e.g. ``"S"``) is for IMAP APPEND.
     """
-    ensure_maildir(maildir)
-    name = unique_name(len(data))
-    tmp = maildir / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = MaildirWriter(maildir)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+        writer.write(data)
     except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        writer.discard()
         raise
-    os.close(fd)
-    final_name = name if subdir == "new" else f"{name}:2,{flags}"
-    final = maildir / subdir / final_name
-    os.rename(tmp, final)
-    _fsync_dir(maildir / subdir)
-    return final
+    return writer.commit(subdir=subdir, flags=flags)

@@ -38,7 +38,8 @@ once the DSN to the sender has been written (delivered or itself queued).
 
 Write order (crash safety; every step is fsync + rename + directory fsync):
 
-1. ``enqueue`` writes the message to ``tmp/``, fsyncs it, renames it to
+1. ``enqueue`` (or a :class:`QueueWriter` from ``open_message``, for a message
+   written as it arrives) writes the message to ``tmp/``, fsyncs it, renames it to
    ``msg/<id>`` and fsyncs ``msg/``; then the envelope the same way into
    ``env/``. It returns only after both are durable, so the SMTP server may
    then answer 250. **The envelope's presence is what makes a message
@@ -312,6 +313,51 @@ class QueueLock:
         self.release()
 
 
+class QueueWriter:
+    """One message entering the queue piece by piece (:meth:`Queue.open_message`).
+
+    Synchronous (run it on a thread from asyncio). :meth:`discard` removes the
+    temporary file and may be called any number of times, but not while
+    another thread is in :meth:`write`.
+    """
+
+    def __init__(self, queue: Queue, sender: str, recipients: list[str]) -> None:
+        self.queue = queue
+        self.sender = sender
+        self.recipients = recipients
+        self.qid = queue.new_id()
+        self.tmp = queue.tmp_dir / f"{self.qid}.msg"
+        self.size = 0
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None, "write after commit or discard"
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """fsync and enqueue (message, then envelope: the module docstring); the queue id."""
+        assert self._fd is not None, "commit after commit or discard"
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            return self.queue._commit(self)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (nothing was queued)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
 class Queue:
     """The queue directory. All methods are synchronous and thread-safe (call them from
     asyncio via ``asyncio.to_thread``)."""
@@ -352,6 +398,23 @@ class Queue:
         ``sender`` "" is the null sender (bounces). Raises ValueError for bad
         arguments and OSError when the disk fails (the caller answers 451).
         """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError("message data must be bytes")
+        writer = self.open_message(sender, recipients)
+        try:
+            writer.write(data)
+        except BaseException:
+            writer.discard()
+            raise
+        return writer.commit()
+
+    def open_message(self, sender: str, recipients: list[str]) -> QueueWriter:
+        """Start a message that arrives piece by piece (``enqueue`` for one written at once).
+
+        The pieces go to ``tmp/<id>.msg``; :meth:`QueueWriter.commit` makes the
+        message exist exactly as ``enqueue`` does. Raises ValueError for bad
+        arguments, OSError when the disk fails.
+        """
         if not isinstance(sender, str) or _CONTROL.search(sender):
             raise ValueError("bad sender address")
         if sender == "<>":
@@ -361,17 +424,16 @@ class Queue:
         for r in recipients:
             if not isinstance(r, str) or not r or _CONTROL.search(r):
                 raise ValueError(f"bad recipient address {r!r}")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ValueError("message data must be bytes")
-        data = bytes(data)
-        qid = self.new_id()
+        return QueueWriter(self, sender, list(recipients))
+
+    def _commit(self, writer: QueueWriter) -> str:
+        qid = writer.qid
         now = time.time()
-        env = Envelope(id=qid, sender=sender, recipients=[Recipient(r) for r in recipients],
-                       created=now, size=len(data), next_attempt=now)
-        msg_tmp = self.tmp_dir / f"{qid}.msg"
+        env = Envelope(id=qid, sender=writer.sender,
+                       recipients=[Recipient(r) for r in writer.recipients],
+                       created=now, size=writer.size, next_attempt=now)
         env_tmp = self.tmp_dir / f"{qid}.env"
-        _write_file(msg_tmp, data)
-        os.rename(msg_tmp, self.msg_dir / qid)
+        os.rename(writer.tmp, self.msg_dir / qid)
         _fsync_dir(self.msg_dir)
         try:
             _write_file(env_tmp, env.to_json())
@@ -381,6 +443,8 @@ class Queue:
             # Not acknowledged: take the message back so no orphan is left behind.
             with contextlib.suppress(OSError):
                 (self.msg_dir / qid).unlink()
+            with contextlib.suppress(OSError):
+                env_tmp.unlink()
             raise
         with self._lock:
             listeners = list(self._listeners)

@@ -944,8 +944,8 @@ class _Connection(IMAPConnection):
         # Bytes that arrived after STARTTLS, before the handshake, were sent in
         # plaintext: executing them as if protected is CVE-2011-0411's bug.
         if getattr(self.reader, "_buffer", b""):
-            log.warning("IMAP client %s pipelined data after STARTTLS; disconnecting",
-                        self.conn.peer)
+            log.info("IMAP client %s pipelined data after STARTTLS; disconnecting",
+                     self.conn.peer)
             raise ConnectionError("data after STARTTLS")
         # Called right after the OK was written, with no await in between:
         # loop.start_tls pauses reading before anything else reads the socket.

@@ -48,15 +48,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relaygate.addresses import is_loopback, parse_ip
 from relaygate.decision import Decision, Verdict
 from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import split_path
+from relaygate.protocols.smtp_data import DataDecoder
 from relaygate.servers.accept import Listener, Peer, ProxyPolicy, listen_tcp_or_unix
 from relaygate.servers.base import Listen, parse_listen
+from relaygate.servers.smtp_data import IncomingMessage
 from relaygate.servers.smtp_handler import (
     ClientState,
     RelayEnvelope,
@@ -76,6 +78,12 @@ COMMAND_LINE_LIMIT = 512
 SIZE_PARAMETER_EXTRA = 26
 #: bytes moved per read by the --stdio pumps
 PUMP_CHUNK = 65536
+#: exceptions a client causes (not relaygate bugs): logged as one info line
+CLIENT_FAILURES: tuple[type[BaseException], ...] = (
+    TLSSetupException, ConnectionError, TimeoutError, ssl.SSLError,
+    asyncio.IncompleteReadError)
+#: bytes taken from the connection at a time during DATA
+DATA_READ_SIZE = 64 * 1024
 #: how often stop() looks for sessions that finished their transaction
 STOP_POLL = 0.05
 #: a trusted proxy's own connection (PROXY v2 LOCAL: a health check) relays nothing
@@ -151,6 +159,7 @@ class RelaySMTP(SMTP):
         self._refused = False
         self._gone = False
         self._eof_pending = False
+        self._incoming: IncomingMessage | None = None
         self.client = ClientState(None, info.service, info.plaintext_auth,
                                   tls=info.implicit_tls, fixed=info.fixed)
 
@@ -223,6 +232,9 @@ class RelaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         if self._in_data:
             idle = self.loop.time() - self._last_read
+            incoming = self._incoming
+            if incoming is not None and incoming.waiting:
+                idle = 0.0  # waiting for the disk, not for the client
             if idle < self._data_timeout:
                 self._reset_timeout(self._data_timeout - idle)
                 return
@@ -268,24 +280,107 @@ class RelaySMTP(SMTP):
             if self._bad < self._bad_limit:
                 return
             why = "too many errors"
-        log.warning("ending session with %s: %s", self.client.shown_ip, why)
+        # The client's doing, handled: an info line, not one of the "last errors".
+        log.info("ending session with %s: %s", self.client.shown_ip, why)
         self._say(f"421 4.7.0 {self.hostname} {why}, closing connection")
         if self.transport is not None:
             self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A client's failure (TLS setup, reset, timeout) is an info line; ours go on.
+
+        Tracebacks are for relaygate's own bugs (the handler logs those); a client
+        that sends garbage after STARTTLS or goes away mid-command is not one.
+        """
+        if isinstance(error, CLIENT_FAILURES):
+            cause = error.__cause__ if isinstance(error, TLSSetupException) else error
+            what = "TLS handshake failed" if isinstance(error, TLSSetupException) \
+                else "connection failed"
+            log.info("%s with %s: %s", what, self.client.shown_ip, _describe(cause))
+            if self.transport is not None:
+                self.transport.close()
+            return "421 4.7.0 connection failed, closing"
+        status: str = await super().handle_exception(error)
+        return status
 
     # -- commands --------------------------------------------------------------
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
+        """RFC 5321 4.1.1.4, with the message written to disk as it arrives.
+
+        aiosmtpd's own DATA keeps the whole message in memory as a list of lines;
+        here the data goes through a DataDecoder (end of data, dot-unstuffing,
+        bare CR/LF and line length noted) to the handler's files. Whatever is
+        wrong with a message, the client's data is read to its end before the
+        reply (RFC 5321 4.2.5), and nothing of a refused message stays on disk.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope)
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        handler = self.event_handler
+        assert isinstance(handler, RelayHandler)
+        opened = await handler.begin_data(self, self.session, envelope)
+        if isinstance(opened, str):
+            await self.push(opened)
+            return
+        incoming = opened
+        self._incoming = incoming
         self._in_data = True
         self._last_read = self.loop.time()
         self._reset_timeout(self._data_timeout)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            decoder = DataDecoder()
+            if not await self._receive(decoder, incoming):
+                return
+            reply = await handler.end_data(self, self.session, envelope, incoming, decoder)
         finally:
+            incoming.discard()  # refused, failed or cut off; a committed message is not touched
+            self._incoming = None
             self._in_data = False
             if self.transport is not None:
                 self._reset_timeout()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
+
+    async def _receive(self, decoder: DataDecoder, incoming: IncomingMessage) -> bool:
+        """Read the data to its end into ``incoming``; False when the client went away."""
+        limit = self.data_size_limit
+        reader = self._reader
+        while not decoder.done:
+            data = await reader.read(DATA_READ_SIZE)
+            if not data:
+                log.info("connection from %s closed during DATA", self.client.shown_ip)
+                if self.transport is not None:
+                    self.transport.close()
+                return False
+            content, used = decoder.feed(data)
+            if used < len(data):
+                self._unread(data[used:])  # the client's next commands, pipelined
+            if incoming.discarded:
+                continue
+            if decoder.bare or decoder.too_long or (limit and decoder.size > limit):
+                incoming.discard()  # refused at the end; stop writing now
+                continue
+            await incoming.add(content)
+            self._last_read = self.loop.time()
+        return True
+
+    def _unread(self, rest: bytes) -> None:
+        """Put bytes read past the end of data back in front of the reader's buffer."""
+        buffer = getattr(self._reader, "_buffer", None)
+        assert isinstance(buffer, bytearray), "asyncio.StreamReader without its buffer"
+        buffer[:0] = rest
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -318,6 +413,14 @@ class RelaySMTP(SMTP):
 
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
+
+
+def _describe(exc: BaseException | None) -> str:
+    """One line for a client's failure: the exception's name and text, no traceback."""
+    if exc is None:
+        return "unknown reason"
+    text = str(exc).replace("\r", " ").replace("\n", " ")[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 #: the names aiosmtpd looks up on the protocol object (see RelaySMTP.__dir__)

@@ -32,14 +32,19 @@ only when MAIL FROM is an address of the account that authorised the relay
 (its SMTP AUTH login, or the login that opened the window). A window without
 a user cannot be bound and refuses to relay; static rules are not bound.
 
-At end of DATA (RFC 5321 section 4.1.1.4): message data holding a bare CR or
-LF is refused (``550 5.6.0``; SMTP smuggling, RFC 5321 section 2.3.8), then
-a ``Received:`` line (section 4.4, protocol names from RFC 3848) naming the
-client, its HELO, the protocol and, when relaying, whose login or AUTH
-allowed it is prepended; local recipients get a durable Maildir delivery
-(fsync) with ``Return-Path:``, relayed recipients go into the queue (fsync)
-and only then does the client get ``250``. Any failure there is logged and
-answered ``451 4.3.0`` without detail.
+At DATA (RFC 5321 section 4.1.1.4), before ``354``: the message's files are
+opened, the queue's for relayed recipients and one Maildir ``tmp/`` file per
+local mailbox, each starting with a ``Received:`` line (section 4.4, protocol
+names from RFC 3848) naming the client, its HELO, the protocol and, when
+relaying, whose login or AUTH allowed it; a mailbox's file starts with
+``Return-Path:`` too. The server writes the data into them as it arrives
+(:mod:`relaygate.servers.smtp_data`). At the end of data: a line too long
+(``500``), a message too big (``552 5.3.4``) or data holding a bare CR or LF
+(``550 5.6.0``; SMTP smuggling, section 2.3.8) is refused and its files
+removed; otherwise the queue's file is committed (fsync, then the envelope),
+then every mailbox's (fsync, rename to ``new/``), and only then does the
+client get ``250``. Any failure there is logged and answered ``451 4.3.0``
+without detail.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from relaygate.decision import Decision, Verdict
 from relaygate.log import event
-from relaygate.mail.maildir import deliver
+from relaygate.mail.maildir import MaildirWriter
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import (
     TRICK_AT,
@@ -72,9 +77,11 @@ from relaygate.protocols.smtp_address import (
     canonical_address,
     parse_mailbox,
 )
+from relaygate.servers.smtp_data import DataBudget, IncomingMessage, MessageFile, open_files
 
 if TYPE_CHECKING:
     from relaygate.mail.directory import Account
+    from relaygate.protocols.smtp_data import DataDecoder
     from relaygate.servers.base import Context
 
 log = logging.getLogger("relaygate.smtp")
@@ -98,6 +105,8 @@ REPLY_NO_MAILBOX = "550 5.1.1 sorry, no mailbox here by that name"
 REPLY_BINDING = "553 5.7.1 sorry, that sender address isn't yours to relay from"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_BARE_LF = "550 5.6.0 bare CR or LF in message data refused (RFC 5321 2.3.8)"
+REPLY_TOO_BIG = "552 5.3.4 Message too big for system"
+REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
 REPLY_AUTH_THROTTLED = "454 4.7.0 Temporary authentication failure, try again later"
 REPLY_AUTH_SYNTAX = "501 5.5.2 Cannot decode authentication data"
 
@@ -160,6 +169,9 @@ class RelayEnvelope(Envelope):
         self.local: dict[Path, tuple[Account, list[str]]] = {}
         self.relayed: list[str] = []
         self.authority: Authority | None = None
+        #: set by begin_data: the message id and the octets of the Received: header
+        self.msgid = ""
+        self.header_size = 0
 
 
 def _state(server: Any) -> ClientState:
@@ -191,6 +203,8 @@ class RelayHandler:
         self._accepted = messages.labels("accepted")
         self._relayed = messages.labels("relayed")
         self._delivered = messages.labels("delivered")
+        #: bytes of message data in memory, all SMTP services of the process together
+        self.budget = DataBudget(ctx.settings.smtp.data_memory_limit)
 
     async def _disk(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking, fsyncing call on the delivery threads.
@@ -395,39 +409,70 @@ class RelayHandler:
 
     # -- message -----------------------------------------------------------
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: RelayEnvelope) -> str:
+    async def begin_data(self, server: Any, session: Any,
+                         envelope: RelayEnvelope) -> IncomingMessage | str:
+        """Open the message's files before ``354``: the queue's, one per local mailbox.
+
+        Each file starts with its headers (``Received:``, and ``Return-Path:``
+        for a mailbox), so the body is only ever appended. A reply string when
+        the files cannot be made (``451``).
+        """
         state = _state(server)
-        content: bytes = envelope.original_content or b""
-        crlf = content.count(b"\r\n")
-        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-            event("message.refused", level=logging.WARNING, ip=state.shown_ip,
-                  reason="bare CR or LF in DATA", size=len(content))
-            return REPLY_BARE_LF
         msgid = secrets.token_hex(8)
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
-        data = self.received_header(server, session, envelope, msgid) + content
+        received = self.received_header(server, session, envelope, msgid)
+        openers: list[Callable[[], MessageFile]] = []
+        if envelope.relayed:
+            openers.append(functools.partial(_open_queued, self.ctx.queue, sender,
+                                             list(envelope.relayed), received))
+        if envelope.local:
+            local_head = f"Return-Path: <{sender}>\r\n".encode("ascii", "replace") + received
+            openers.extend(functools.partial(MaildirWriter, maildir, local_head)
+                           for maildir in envelope.local)
+        try:
+            files = await self._disk(open_files, openers)
+        except Exception as exc:
+            self._store_failed(exc, msgid, state, None)
+            return REPLY_TEMPFAIL
+        envelope.msgid = msgid
+        envelope.header_size = len(received)
+        return IncomingMessage(files, executor=self._executor, budget=self.budget)
+
+    async def end_data(self, server: Any, session: Any, envelope: RelayEnvelope,
+                       incoming: IncomingMessage, data: DataDecoder) -> str:
+        """The reply to the end of data; a ``250`` only once every file is durable."""
+        state = _state(server)
+        limit = server.data_size_limit
+        if data.too_long:
+            return REPLY_LINE_TOO_LONG
+        if limit and data.size > limit:
+            event("message.refused", level=logging.INFO, ip=state.shown_ip,
+                  reason="too big", size=data.size)
+            return REPLY_TOO_BIG
+        if data.bare:
+            event("message.refused", level=logging.WARNING, ip=state.shown_ip,
+                  reason="bare CR or LF in DATA", size=data.size)
+            return REPLY_BARE_LF
+        msgid = envelope.msgid
+        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         queue_id: str | None = None
         names: list[str] = []
         try:
+            await incoming.flush()
+            files = list(incoming.files)
             if envelope.relayed:
-                queue_id = await self._disk(self.ctx.queue.enqueue, sender,
-                                            list(envelope.relayed), data)
-            if envelope.local:
-                local_data = f"Return-Path: <{sender}>\r\n".encode("ascii", "replace") + data
-                paths = await asyncio.gather(*(
-                    self._disk(deliver, maildir, local_data)
-                    for maildir in envelope.local))
-                names = [p.name for p in paths]
-        except Exception:
-            log.exception("delivery failed for message %s from %s", msgid, state.shown_ip)
-            event("message.deferred", level=logging.WARNING, id=msgid, ip=state.shown_ip,
-                  queue_id=queue_id, reason="delivery failed")
+                queue_id = str(await self._disk(files.pop(0).commit))
+            paths = await asyncio.gather(*(self._disk(f.commit) for f in files))
+            names = [Path(p).name for p in paths]
+        except Exception as exc:
+            self._store_failed(exc, msgid, state, queue_id)
             return REPLY_TEMPFAIL
+        size = envelope.header_size + data.size
         authority = envelope.authority
         event("message.accepted", id=msgid, ip=state.shown_ip,
               helo=session.host_name, reason=authority.reason if authority else "local",
               user=authority.user if authority else None, sender=sender or "<>",
-              size=len(data), recipients=len(envelope.rcpt_tos),
+              size=size, recipients=len(envelope.rcpt_tos),
               rcpts=",".join(envelope.rcpt_tos), queue_id=queue_id,
               maildir=",".join(names) or None)
         self._accepted.inc()
@@ -436,6 +481,16 @@ class RelayHandler:
         if names:
             self._delivered.inc(len(names))
         return f"250 2.0.0 OK id={msgid}" + (f" queued as {queue_id}" if queue_id else "")
+
+    def _store_failed(self, exc: Exception, msgid: str, state: ClientState,
+                      queue_id: str | None) -> None:
+        if isinstance(exc, OSError):
+            # The disk (full, read-only, gone): the administrator's problem, not a bug.
+            log.error("cannot store message %s from %s: %s", msgid, state.shown_ip, exc)
+        else:
+            log.exception("delivery failed for message %s from %s", msgid, state.shown_ip)
+        event("message.deferred", level=logging.WARNING, id=msgid, ip=state.shown_ip,
+              queue_id=queue_id, reason="delivery failed")
 
     def received_header(self, server: Any, session: Any, envelope: RelayEnvelope,
                         msgid: str) -> bytes:
@@ -543,6 +598,17 @@ class RelayHandler:
         log.error("SMTP session error: %s", type(error).__name__,
                   exc_info=(type(error), error, error.__traceback__))
         return REPLY_TEMPFAIL
+
+
+def _open_queued(queue: Any, sender: str, recipients: list[str], head: bytes) -> MessageFile:
+    """The queue's file for the relayed recipients, its ``Received:`` header written."""
+    writer: MessageFile = queue.open_message(sender, recipients)
+    try:
+        writer.write(head)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer
 
 
 #: the hook names aiosmtpd looks up on the handler (see RelayHandler.__dir__)
