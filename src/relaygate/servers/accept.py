@@ -241,20 +241,27 @@ class Listener:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     async def _start(self, conn: socket.socket, addr: object) -> None:
+        peer: Peer | None = None
         try:
             peer = await self._peer(conn, addr)
             if peer is None:
                 conn.close()
                 return
+            made = peer
             await self._loop.connect_accepted_socket(
-                lambda: self.factory(peer), conn, ssl=self.ssl_context,
+                lambda: self.factory(made), conn, ssl=self.ssl_context,
                 ssl_handshake_timeout=self.ssl_handshake_timeout)
         except asyncio.CancelledError:
             conn.close()
             raise
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            # A client that went away or failed its TLS handshake: nothing to tell anyone.
-            log.debug("%s: connection setup failed: %r", self.service, exc)
+            # A client that went away or failed its TLS handshake: one line, no traceback.
+            who = peer.shown if peer is not None else "?"
+            if self.ssl_context is not None:
+                log.info("%s: TLS handshake failed with %s: %s", self.service, who,
+                         exc.__class__.__name__ if not str(exc) else exc)
+            else:
+                log.debug("%s: connection from %s failed: %r", self.service, who, exc)
             conn.close()
         except Exception:
             log.exception("%s: connection setup failed", self.service)
