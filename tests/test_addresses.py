@@ -13,7 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygate.addresses import format_ipv6, is_loopback, packed, parse_ip, require_canonical
+from relaygate.addresses import (
+    DEFAULT_IPV6_PREFIX,
+    check_ipv6_prefix,
+    client_group,
+    format_ipv6,
+    is_loopback,
+    packed,
+    parse_ip,
+    require_canonical,
+)
 from relaygate.errors import InvalidAddress
 
 
@@ -165,3 +174,59 @@ def test_format_and_loopback() -> None:
     # the longest run wins over an earlier shorter one (section 4.2.3)
     assert format_ipv6(bytes.fromhex("20010000000000010000000000000001")) == "2001:0:0:1::1"
     assert is_loopback("127.0.0.2") and is_loopback("::1") and not is_loopback("::2")
+
+
+# -- grouping for per-address limits ---------------------------------------------
+
+
+def test_ipv4_is_its_own_group() -> None:
+    for ip in ("192.0.2.7", "127.0.0.1", "10.1.2.3"):
+        assert client_group(ip) == ip
+        assert client_group(ip, 48) == ip
+
+
+def test_ipv4_mapped_ipv6_is_folded_to_ipv4() -> None:
+    assert client_group("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_group("::FFFF:c000:0207", 128) == "192.0.2.7"
+
+
+def test_ipv6_is_grouped_by_its_prefix() -> None:
+    assert DEFAULT_IPV6_PREFIX == 64
+    a, b = "2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::1"
+    assert client_group(a) == client_group(b) == "2001:db8:1:2::/64"
+    assert client_group("2001:db8:1:3::1") == "2001:db8:1:3::/64"  # the next /64
+    assert client_group("2001:DB8:0001:0002::0001") == "2001:db8:1:2::/64"  # any spelling
+    assert client_group(a, 48) == "2001:db8:1::/48"
+    assert client_group("2001:db8:1:2f::1", 60) == "2001:db8:1:20::/60"  # inside a group
+    assert client_group("2001:db8:8000::1", 33) == "2001:db8:8000::/33"
+    assert client_group("2001:db8:7fff::1", 33) == "2001:db8::/33"
+    assert client_group(a, 128) == "2001:db8:1:2:aaaa:bbbb:cccc:dddd"
+    assert client_group("::1") == "::/64"
+
+
+@given(st.binary(min_size=16, max_size=16), st.integers(min_value=32, max_value=127))
+@settings(max_examples=300)
+def test_ipv6_grouping_matches_ipaddress(raw: bytes, prefix: int) -> None:
+    addr = ipaddress.IPv6Address(raw)
+    if addr.ipv4_mapped is not None:
+        return
+    net = ipaddress.IPv6Network((int(addr), prefix), strict=False)
+    assert client_group(str(addr), prefix) == f"{net.network_address.compressed}/{prefix}"
+
+
+def test_non_addresses_are_keys_as_they_are() -> None:
+    assert client_group("unix") == "unix"
+    assert client_group("not:an:address") == "not:an:address"
+
+
+@pytest.mark.parametrize("bad", [0, 8, 31, 129, -64, 64.0, "64", True, None])
+def test_bad_prefixes_are_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="from 32 to 128"):
+        check_ipv6_prefix(bad)
+    with pytest.raises(ValueError):
+        client_group("2001:db8::1", bad)  # type: ignore[arg-type]
+
+
+def test_good_prefixes() -> None:
+    for n in (32, 48, 56, 64, 128):
+        assert check_ipv6_prefix(n) == n

@@ -129,8 +129,8 @@ def test_envdir_relative_dir_becomes_absolute(tmp_path: Path, monkeypatch: pytes
 @pytest.mark.parametrize("text, line, fragment", [
     ("expiry = 10\nexpiry = 20\n", 2, "TOML syntax error"),
     ("[smtp]\nlisten = [\n", None, "TOML syntax error"),
-    ("hostname = 'a'\nexpiry = -5\n", 2, "must be greater than zero"),
-    ("\n\nexpiry = 'soon'\n", 3, "expected a number"),
+    ("hostname = 'a'\nexpiry = -5\n", 2, "expiry: must be a whole number of seconds"),
+    ("\n\nexpiry = 'soon'\n", 3, "expiry: must be a whole number of seconds"),
     ("log_format = 'xml'\n", 1, "must be one of text, json"),
     ("[smtp]\nnot_a_setting = 1\n", 2, "unknown setting 'smtp.not_a_setting'"),
     ("# comment\nfrobnicate = true\n", 2, "unknown setting 'frobnicate'"),
@@ -182,7 +182,7 @@ def test_env_errors_name_the_variable() -> None:
     with pytest.raises(ConfigError) as exc:
         load_settings(environ={"RELAYGATE_EXPIRY": "0"})
     assert exc.value.source == "$RELAYGATE_EXPIRY"
-    assert str(exc.value).startswith("$RELAYGATE_EXPIRY: expiry: must be greater than zero")
+    assert str(exc.value).startswith("$RELAYGATE_EXPIRY: expiry: must be a whole number")
     with pytest.raises(ConfigError, match=r"\$RELAYGATE_LOG_FORMAT"):
         load_settings(environ={"RELAYGATE_LOG_FORMAT": "xml"})
 
@@ -256,7 +256,8 @@ def test_serve_options_after_the_subcommand(tmp_path: Path) -> None:
     r = _relaygate("serve", "--data-dir", str(tmp_path / "d"), "--expiry", "0",
                    "--user", _me(), cwd=tmp_path)
     assert r.returncode == 111
-    assert "option --expiry: expiry: must be greater than zero" in r.stderr
+    assert "option --expiry: expiry: must be a whole number of seconds from 1 to 31536000: '0'" \
+        in r.stderr
     r = _relaygate("serve", "--data-dir", str(tmp_path / "d"), "--smtp", "nowhere",
                    "--user", _me(), cwd=tmp_path)
     assert r.returncode == 111
@@ -268,3 +269,63 @@ def _me() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_ipv6_prefix_setting(tmp_path: Path) -> None:
+    assert Settings().ipv6_prefix == 64
+    assert load_settings(environ={}).ipv6_prefix == 64
+    assert load_settings(environ={}, config_file=_toml(tmp_path, "ipv6_prefix = 56\n")
+                         ).ipv6_prefix == 56
+    assert load_settings(cli={"ipv6_prefix": "48"}, environ={}).ipv6_prefix == 48
+
+
+@pytest.mark.parametrize("value", ["0", "16", "129", "-64", "64.5", "abc"])
+def test_bad_ipv6_prefix_names_its_source(tmp_path: Path, value: str) -> None:
+    toml = _toml(tmp_path, f"hostname = 'h'\nipv6_prefix = {value!r}\n")
+    with pytest.raises(ConfigError, match="ipv6_prefix") as exc:
+        load_settings(environ={}, config_file=toml)
+    assert exc.value.source == str(toml) and exc.value.line == 2
+    assert repr(value) in str(exc.value) or value in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(cli={"ipv6_prefix": value}, environ={})
+    assert exc.value.source == "option --ipv6-prefix"
+
+
+BAD_EXPIRY = ["1e3", "30s", "abc", "-5", "0", "99999999999999999999", "", "2.5", "+600"]
+
+
+@pytest.mark.parametrize("value", BAD_EXPIRY)
+def test_bad_expiry_is_refused_from_every_source(tmp_path: Path, value: str) -> None:
+    # One reader of window lengths: the envdir file, the TOML file, the variable and
+    # the option all refuse what relay-ctrl read as 1, 30 or 900 seconds.
+    reason = "expiry: must be a whole number of seconds from 1 to 31536000"
+    d = _envdir(tmp_path, RELAY_CTRL_EXPIRY=value or " ")
+    with pytest.raises(ConfigError, match=reason) as exc:
+        load_settings(environ={}, envdir=d)
+    assert exc.value.source == str(d / "RELAY_CTRL_EXPIRY") and exc.value.line == 1
+    toml = _toml(tmp_path, f"hostname = 'h'\nexpiry = {value!r}\n")
+    with pytest.raises(ConfigError, match=reason) as exc:
+        load_settings(environ={}, config_file=toml)
+    assert exc.value.source == str(toml) and exc.value.line == 2
+    with pytest.raises(ConfigError, match=reason) as exc:
+        load_settings(environ={"RELAYGATE_EXPIRY": value})
+    assert exc.value.source == "$RELAYGATE_EXPIRY"
+    with pytest.raises(ConfigError, match=reason) as exc:
+        load_settings(cli={"expiry": value}, environ={})
+    assert exc.value.source == "option --expiry"
+
+
+@pytest.mark.parametrize("text", ["expiry = 1e3", "expiry = 900.0", "expiry = -5",
+                                  "expiry = true", "expiry = 99999999999999999"])
+def test_bad_toml_expiry_numbers(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="whole number of seconds"):
+        load_settings(environ={}, config_file=_toml(tmp_path, text + "\n"))
+
+
+def test_good_expiry_everywhere(tmp_path: Path) -> None:
+    d = _envdir(tmp_path, RELAY_CTRL_EXPIRY="600")
+    assert load_settings(environ={}, envdir=d).expiry == 600
+    assert load_settings(environ={}, config_file=_toml(tmp_path, "expiry = 31536000\n")
+                         ).expiry == 31536000
+    assert load_settings(environ={"RELAYGATE_EXPIRY": " 0600 "}).expiry == 600
+    assert load_settings(cli={"expiry": "1"}, environ={}).expiry == 1

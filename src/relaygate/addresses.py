@@ -12,6 +12,12 @@ longest run of two or more zero groups compressed, no embedded dotted quad).
 Zone ids (``fe80::1%eth0``), slashes, ``..``, empty strings, surrounding
 whitespace and anything else are refused with :class:`InvalidAddress`.
 
+One host owns a whole IPv6 network (a /64 at least, RFC 6177), so per-address
+limits (connections, login failures) count an IPv6 client under its network:
+:func:`client_group` maps an address to the key it is counted under, with the
+prefix length from ``ipv6_prefix`` (:data:`DEFAULT_IPV6_PREFIX`). Relay windows
+stay per address: only limits are grouped.
+
 This module deliberately imports only the C ``_socket`` module, and that only
 for IPv6 (IPv4 is parsed here, exactly as glibc's ``inet_pton`` does: four
 decimal parts, no leading zeros, each <= 255): the ``ipaddress`` package costs
@@ -28,6 +34,47 @@ from relaygate.errors import InvalidAddress
 MAX_ADDRESS_LENGTH = 64
 
 _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+#: IPv6 clients are counted per /64 for limits: the smallest network a site gets
+DEFAULT_IPV6_PREFIX = 64
+#: prefix lengths accepted for that grouping; shorter than /32 (a whole provider's
+#: allocation) would make strangers share one budget, longer than /128 means nothing
+IPV6_PREFIX_RANGE = (32, 128)
+
+
+def check_ipv6_prefix(value: object) -> int:
+    """``value`` as a prefix length for :func:`client_group`; ValueError when unusable."""
+    low, high = IPV6_PREFIX_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"IPv6 prefix length must be a whole number from {low} to {high}")
+    return value
+
+
+def client_group(ip: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
+    """The key a client address is counted under for per-address limits.
+
+    IPv4 is its own key. IPv6 is the network of its first ``ipv6_prefix`` bits
+    in canonical form with the length, ``2001:db8:1:2::/64`` (the address itself
+    at /128); IPv4-mapped IPv6 is folded to IPv4 first. Text that is not an
+    address (``unix`` for a local socket) is returned unchanged: it is a key too.
+    """
+    if ":" not in ip:
+        return ip
+    check_ipv6_prefix(ipv6_prefix)
+    try:
+        canonical = parse_ip(ip)
+    except InvalidAddress:
+        return ip
+    if ":" not in canonical:  # was IPv4-mapped
+        return canonical
+    if ipv6_prefix == 128:
+        return canonical
+    raw = packed(canonical)
+    whole, bits = divmod(ipv6_prefix, 8)
+    net = bytearray(raw[:whole]) + bytes(16 - whole)
+    if bits:
+        net[whole] = raw[whole] & (0xFF << (8 - bits)) & 0xFF
+    return f"{format_ipv6(bytes(net))}/{ipv6_prefix}"
 
 
 def parse_ip(value: str | bytes) -> str:

@@ -161,6 +161,8 @@ class Settings:
     log_level: str = "info"
     log_ips: bool = False
     sender_binding: bool = False
+    #: IPv6 clients share per-address limits (connections, login failures) per this prefix
+    ipv6_prefix: int = 64
     user: str | None = None
     group: str | None = None
     #: seconds between aging runs in ``serve``
@@ -305,6 +307,15 @@ def _build(layers: Mapping[str, _Value]) -> Settings:
     if top.get("trusted_proxies"):
         origin = layers["trusted_proxies"]
         top["trusted_proxies"] = _networks(top["trusted_proxies"], origin)
+    if "ipv6_prefix" in top:
+        from relaygate.addresses import check_ipv6_prefix
+
+        try:
+            check_ipv6_prefix(top["ipv6_prefix"])
+        except ValueError as exc:
+            v = layers["ipv6_prefix"]
+            raise ConfigError(f"ipv6_prefix: {exc}", source=v.source, line=v.line,
+                              value=v.value) from None
     settings = Settings(**top)
     if (settings.tls.cert is None) != (settings.tls.key is None):
         src = layers.get("tls.cert") or layers.get("tls.key")
@@ -374,6 +385,13 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             if s in ("", "0", "no", "false", "off"):
                 return False
         raise bad("expected true or false")
+    if key == "expiry":  # one reader of window lengths everywhere (relaygate.expiry)
+        from relaygate.expiry import parse_expiry
+
+        try:
+            return float(parse_expiry(raw))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     if tp in (int, float):
         if isinstance(raw, bool):
             raise bad("expected a number")

@@ -32,7 +32,8 @@ DESCRIPTIONS: dict[str, str] = {
     "rcpthosts_file": "A qmail rcpthosts file whose domains are local too.",
     "store": "Grant store URL: sqlite:///PATH, spool:///DIR (relay-ctrl), "
              "redis://HOST:PORT/DB (several hosts), memory:. Empty: SQLite in the data directory.",
-    "expiry": "Seconds a login keeps the relay window of its address open.",
+    "expiry": "Seconds a login keeps the relay window of its address open: a whole number "
+              "from 1 to 31536000 (also RELAY_CTRL_EXPIRY in an envdir).",
     "relayclient": "RELAYCLIENT value a window grants (appended to each recipient; "
                    "empty = plain relay).",
     "rules_file": "Static rules (tcprules syntax and CIDR), e.g. 127.0.0.1:allow,RELAYCLIENT=\"\".",
@@ -43,6 +44,8 @@ DESCRIPTIONS: dict[str, str] = {
     "log_level": "debug, info, warning or error.",
     "log_ips": "Log client addresses in relay-ctrl style chain programs.",
     "sender_binding": "A window opened by alice relays only mail from alice's addresses.",
+    "ipv6_prefix": "IPv6 clients are counted per network of this prefix length (32-128) for "
+                   "connection limits and login throttling; relay windows stay per address.",
     "user": "serve: after binding the listeners as root, run as this user.",
     "group": "serve: group to run as (default: the user's primary group).",
     "age_interval": "serve: seconds between removals of expired windows.",
@@ -265,7 +268,7 @@ SERVE_FLAGS: dict[str, str] = {
     "data_dir": "--data-dir", "domains": "--domain", "store": "--store", "expiry": "--expiry",
     "rules_file": "--rules", "smtproutes_file": "--smtproutes", "log_format": "--log-format",
     "log_level": "--log-level", "user": "--user", "group": "--group",
-    "hostname": "--hostname",
+    "hostname": "--hostname", "ipv6_prefix": "--ipv6-prefix",
     "tls.cert": "--tls-cert", "tls.key": "--tls-key",
     "smtp.listen": "--smtp", "smtp.submission": "--submission", "smtp.smtps": "--smtps",
     "pop3.listen": "--pop3", "pop3.listen_tls": "--pop3s", "imap.listen": "--imap",

@@ -76,7 +76,7 @@ class Serve:
 
     def args(self) -> list[str]:
         a = [sys.executable, "-m", "relaygate", "serve", "--data-dir", str(self.data_dir),
-             "--user", self.user or me(), "--domain", self.domain, "--expiry", str(self.expiry)]
+             "--user", self.user or me(), "--domain", self.domain, "--expiry", f"{self.expiry:g}"]
         for name in ("smtp", "submission", "pop3", "imap"):
             if name in self.services:
                 for h in self.hosts:

@@ -317,6 +317,38 @@ def test_throttle_begin_counts_in_flight_attempts() -> None:
     assert t.in_flight("1.2.3.4", "alice") == (0, 1)
 
 
+async def test_ipv6_neighbours_share_one_budget(tmp_path: Path) -> None:
+    # Two addresses of one /64 are one client for the throttle; the next /64 is not.
+    db = make_db(tmp_path)
+    db.add("alice", "pw-a")
+    db.add("bob", "pw-b")
+    for i in range(3):
+        await db.authenticate(f"ghost{i}", "x", f"2001:db8:1:2::{i + 1}")
+    assert (await db.authenticate("alice", "pw-a", "2001:db8:1:2:ffff::9")).throttled
+    assert (await db.authenticate("alice", "pw-a", "2001:db8:1:3::1")).ok
+    db.close()
+
+
+async def test_ipv6_prefix_is_configurable(tmp_path: Path) -> None:
+    db = make_db(tmp_path, ipv6_prefix=128)
+    db.add("alice", "pw-a")
+    for i in range(3):
+        await db.authenticate(f"ghost{i}", "x", "2001:db8:1:2::1")
+    assert (await db.authenticate("alice", "pw-a", "2001:db8:1:2::2")).ok
+    db.close()
+
+
+def test_throttle_groups_ipv6_keys() -> None:
+    t = Throttle(2, window=60, lockout=100, ipv6_prefix=48)
+    t.record_failure("2001:db8:1:2::1", "a", now=0)
+    t.record_failure("2001:db8:1:ffff::1", "b", now=0)
+    assert t.locked("2001:db8:1::7", "c", now=1)
+    assert not t.locked("2001:db8:2::7", "c", now=1)
+    assert not t.locked("192.0.2.1", "c", now=1)
+    with pytest.raises(ValueError):
+        Throttle(2, window=60, lockout=100, ipv6_prefix=16)
+
+
 def test_throttle_lockout_expires_and_does_not_extend() -> None:
     t = Throttle(3, window=60, lockout=100)
     for s in (0, 1, 2):

@@ -498,6 +498,15 @@ async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
         await h.stop()
 
 
+async def test_connection_limit_counts_ipv6_per_network(pop: Pop3Harness) -> None:
+    # Loopback has only ::1, so the key is checked directly: one /64, one count.
+    key = pop.service._limit_key
+    assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff::7") == "2001:db8:1:2::/64"
+    assert key("2001:db8:1:3::1") != key("2001:db8:1:2::1")
+    assert key("::ffff:192.0.2.1") == key("192.0.2.1") == "192.0.2.1"
+    assert key(None) == "unix"
+
+
 async def test_stop_cuts_idle_sessions_and_deletes_nothing(tmp_path: Path) -> None:
     h = await start_pop3(tmp_path)
     h.db.add("alice", "alice-pw")

@@ -55,6 +55,21 @@ def test_stranger_may_not_relay(h: SmtpHarness) -> None:
     assert h.queue is not None and h.queue.items == []
 
 
+@pytest.mark.parametrize("address", [
+    f"postmaster@{LOCAL}.evil.test",  # a local domain followed by a dot is not local
+    f"alice@{LOCAL}.evil.test",
+    f"postmaster@mail.{LOCAL}",  # nor is a subdomain without a ".domain" line
+    f"postmaster@not{LOCAL}",
+    f"postmaster@{LOCAL[:-1]}",
+])
+def test_names_that_begin_or_end_like_a_local_domain_are_not_local(
+        h: SmtpHarness, address: str) -> None:
+    r = raw(h)
+    assert rcpt(r, address) == RELAY_DENIED, address
+    r.close()
+    assert h.queue is not None and h.queue.items == []
+
+
 def test_local_delivery_works_for_anyone(h: SmtpHarness) -> None:
     c = h.client(STRANGER_IP)
     c.sendmail("stranger@far.example", [f"alice@{LOCAL}"], MSG)

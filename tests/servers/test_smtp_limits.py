@@ -208,6 +208,23 @@ def test_connections_per_address(tmp_path: Path) -> None:
         h.stop()
 
 
+def test_connection_limit_counts_ipv6_per_network() -> None:
+    from relaygate.servers.smtp import ConnectionLimiter
+
+    lim = ConnectionLimiter(2)  # default /64
+    assert lim.acquire("2001:db8:1:2::1") and lim.acquire("2001:db8:1:2::ffff")
+    assert not lim.acquire("2001:db8:1:2:1:2:3:4")  # the same /64: full
+    assert lim.acquire("2001:db8:1:3::1")  # the next /64
+    assert lim.acquire("192.0.2.1") and lim.acquire("::ffff:192.0.2.1")
+    assert not lim.acquire("192.0.2.1")  # v4-mapped counted as the IPv4 address
+    lim.release("2001:db8:1:2::1")
+    assert lim.acquire("2001:db8:1:2::99")
+    wide = ConnectionLimiter(1, ipv6_prefix=48)
+    assert wide.acquire("2001:db8:1:2::1") and not wide.acquire("2001:db8:1:ffff::1")
+    narrow = ConnectionLimiter(1, ipv6_prefix=128)
+    assert narrow.acquire("2001:db8:1:2::1") and narrow.acquire("2001:db8:1:2::2")
+
+
 def test_stop_lets_the_transaction_in_flight_finish(tmp_path: Path) -> None:
     h = harness(tmp_path)
     try:

@@ -31,6 +31,18 @@ def test_qmail_file_format() -> None:
     assert hosts.primary == "example.com"
 
 
+def test_a_local_domain_as_a_prefix_is_not_local() -> None:
+    # example.org.evil.test begins with a local domain and a dot: it is evil.test's
+    # name, not a local one, whether example.org is an exact line or a ".suffix".
+    hosts = RcptHosts.parse("example.org\n.example.net\n")
+    for foreign in ("example.org.evil.test", "EXAMPLE.ORG.evil.test.",
+                    "a.example.net.evil.test", "example.net.evil.test", "example.orgx",
+                    "xexample.org", "example.or"):
+        assert not hosts.is_local(foreign), foreign
+    assert "example.org.evil.test" not in hosts
+    assert hosts.is_local("example.org") and hosts.is_local("a.example.net")
+
+
 def test_is_local_canonicalises() -> None:
     hosts = RcptHosts.parse("example.com\nbücher.example\n")
     for variant in ("EXAMPLE.com", "example.com.", "XN--BCHER-KVA.example", "BÜCHER.example."):

@@ -66,6 +66,9 @@ def _listen_option(name: str, what: str, default: str) -> Callable[[F], F]:
 @click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
 @trusted_proxy_option
+@click.option("--ipv6-prefix", metavar="BITS",
+              help="Count IPv6 clients per network of this prefix for connection limits and "
+                   "login throttling (default 64).")
 @click.pass_context
 def serve(ctx: click.Context, /, **opts: Any) -> None:
     """Run SMTP, submission, POP3, IMAP, the queue and window aging in one process.
@@ -98,6 +101,7 @@ def serve(ctx: click.Context, /, **opts: Any) -> None:
         "log_format": opts["log_format"],
         "log_level": opts["log_level"],
         "metrics.listen": opts["metrics_listen"],
+        "ipv6_prefix": opts["ipv6_prefix"],
         "smtp.listen": many("smtp"),
         "smtp.submission": many("submission"),
         "smtp.smtps": many("smtps"),

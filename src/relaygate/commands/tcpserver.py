@@ -38,7 +38,8 @@ def _uint(value: str | None, what: str) -> int | None:
 def _control(ctx: click.Context, environ: dict[str, str]) -> Any:
     """RelayControl from Settings, with relay-ctrl's environment as the fallback."""
     from relaygate.control import RelayControl
-    from relaygate.integrations.qmail.env import parse_expiry, parse_uint
+    from relaygate.expiry import parse_expiry
+    from relaygate.integrations.qmail.env import parse_uint
     from relaygate.rules import RuleSet
     from relaygate.stores import open_store
     from relaygate.stores.spool import SpoolStore
@@ -48,7 +49,11 @@ def _control(ctx: click.Context, environ: dict[str, str]) -> Any:
     expiry = settings.expiry
     if root_cli.get("expiry") is None and "RELAYGATE_EXPIRY" not in environ \
             and "RELAY_CTRL_EXPIRY" in environ:
-        expiry = float(parse_expiry(environ["RELAY_CTRL_EXPIRY"]))
+        try:
+            expiry = float(parse_expiry(environ["RELAY_CTRL_EXPIRY"]))
+        except ValueError as exc:
+            raise ConfigError(f"expiry: {exc}", source="$RELAY_CTRL_EXPIRY",
+                              value=environ["RELAY_CTRL_EXPIRY"]) from None
     relayclient = settings.relayclient
     if "RELAYGATE_RELAYCLIENT" not in environ and "RELAY_CTRL_RELAYCLIENT" in environ:
         relayclient = environ["RELAY_CTRL_RELAYCLIENT"]

@@ -112,6 +112,15 @@ def _seconds(text: str, what: str) -> float:
     return value
 
 
+def _expiry(text: str) -> float:
+    from relaygate.expiry import parse_expiry
+
+    try:
+        return float(parse_expiry(text))
+    except ValueError as exc:
+        raise ValueError(f"--expiry {exc}, not {text!r}") from None
+
+
 def record(opts: Mapping[str, Any], environ: Mapping[str, str]) -> str:
     """Store the grant for $IP; returns a one-line description. Raises on any failure."""
     raw_ip = environ.get("IP", "")
@@ -152,7 +161,7 @@ def record(opts: Mapping[str, Any], environ: Mapping[str, str]) -> str:
             # No default: the hook's working directory is Dovecot's, not a data directory.
             raise ValueError("no grant store configured (--store URL, --config FILE or "
                              "--data-dir DIR)")
-        expiry = _seconds(expiry_text, "--expiry") if expiry_text else 900.0
+        expiry = _expiry(expiry_text) if expiry_text else 900.0
 
     import time
 

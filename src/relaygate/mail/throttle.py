@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 The mailbox login is the gate to relaying (POP/IMAP-before-SMTP), so guessing
 passwords must be slow. Every failed login is recorded twice: under the client
-address (``ip:<addr>``) and under the account name (``acct:<login>``). When a
-key collects ``failures`` failures within ``window`` seconds it is *locked*
-for ``lockout`` seconds, counted from the failure that tipped it over. While
+address (``ip:<addr>``; an IPv6 address under its network of ``ipv6_prefix``
+bits, default /64, since one host owns a whole /64) and under the account name
+(``acct:<login>``). When a key collects ``failures`` failures within
+``window`` seconds it is *locked* for ``lockout`` seconds, counted from the
+failure that tipped it over. While
 either key of an attempt is locked, the attempt is refused without looking at
 the password, so a locked login never succeeds, even with the right password.
 
@@ -44,6 +46,8 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+
+from relaygate.addresses import DEFAULT_IPV6_PREFIX, check_ipv6_prefix, client_group
 
 #: keys remembered at once; each costs a few hundred bytes, so this caps the
 #: table near 10 MB even when an IPv6 botnet rotates addresses
@@ -100,9 +104,10 @@ class Throttle:
     """Sliding-window failure counter with lockout (thread-safe)."""
 
     def __init__(self, failures: int, window: float, lockout: float,
-                 *, max_keys: int = MAX_KEYS) -> None:
+                 *, max_keys: int = MAX_KEYS, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> None:
         if failures < 1 or window <= 0 or lockout <= 0 or max_keys < 1:
             raise ValueError("throttle limits must be positive")
+        self.ipv6_prefix = check_ipv6_prefix(ipv6_prefix)
         self.failures = failures
         self.window = window
         self.lockout = lockout
@@ -110,10 +115,10 @@ class Throttle:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def keys(ip: str, login: str) -> tuple[str, str]:
-        """The two keys an attempt is counted under."""
-        return (f"ip:{ip[:MAX_KEY_LENGTH]}", f"acct:{login.lower()[:MAX_KEY_LENGTH]}")
+    def keys(self, ip: str, login: str) -> tuple[str, str]:
+        """The two keys an attempt is counted under (IPv6 by its ``ipv6_prefix`` network)."""
+        group = client_group(ip[:MAX_KEY_LENGTH], self.ipv6_prefix)
+        return (f"ip:{group}", f"acct:{login.lower()[:MAX_KEY_LENGTH]}")
 
     def begin(self, ip: str, login: str, now: float | None = None) -> Attempt | None:
         """Reserve an attempt under both keys, or return None (refuse it unchecked).

@@ -70,6 +70,7 @@ import argon2
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from relaygate.addresses import DEFAULT_IPV6_PREFIX
 from relaygate.errors import RelaygateError
 from relaygate.log import event
 from relaygate.mail.directory import Account, LoginResult
@@ -227,6 +228,7 @@ class UserDB:
         hasher: PasswordHasher | None = None,
         default_domain: str | None = None,
         throttle: Throttle | None = None,
+        ipv6_prefix: int = DEFAULT_IPV6_PREFIX,
     ) -> None:
         self.path = Path(path)
         self.auth = auth
@@ -234,7 +236,8 @@ class UserDB:
         self.hasher = hasher or production_hasher()
         self.default_domain = default_domain.lower().rstrip(".") if default_domain else None
         self.throttle = throttle or Throttle(
-            auth.throttle_failures, auth.throttle_window, auth.throttle_lockout)
+            auth.throttle_failures, auth.throttle_window, auth.throttle_lockout,
+            ipv6_prefix=ipv6_prefix)
         self._lock = threading.RLock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._dummy_hash: str | None = None
@@ -787,7 +790,8 @@ class UserDB:
 def open_directory(settings: Settings, *, hasher: PasswordHasher | None = None) -> UserDB:
     """The user database of ``settings``: ``<data_dir>/users.db``, created when missing."""
     return UserDB(settings.data_dir / "users.db", settings.auth, settings.data_dir,
-                  hasher=hasher, default_domain=settings.local_domains[0])
+                  hasher=hasher, default_domain=settings.local_domains[0],
+                  ipv6_prefix=settings.ipv6_prefix)
 
 
 def _address(raw: str) -> str:

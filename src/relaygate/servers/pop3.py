@@ -44,7 +44,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from relaygate.addresses import is_loopback
+from relaygate.addresses import client_group, is_loopback
 from relaygate.control import WindowRefused
 from relaygate.errors import ConfigError
 from relaygate.log import event
@@ -241,7 +241,7 @@ class Pop3Service:
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 listen: Listen, implicit: bool, peer: Peer) -> None:
         ip = peer.ip
-        key = ip or "unix"
+        key = self._limit_key(ip)
         if self._stopping:
             writer.close()
             return
@@ -257,9 +257,13 @@ class Pop3Service:
         session.task = asyncio.get_running_loop().create_task(
             self._run(session, reader, writer, listen, implicit))
 
+    def _limit_key(self, ip: str | None) -> str:
+        """What ``pop3.max_connections_per_ip`` counts under: the address, IPv6 by network."""
+        return client_group(ip or "unix", self.settings.ipv6_prefix)
+
     async def _run(self, session: _Session, reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter, listen: Listen, implicit: bool) -> None:
-        key = session.ip or "unix"
+        key = self._limit_key(session.ip)
         try:
             await self._session(session, reader, writer, listen, implicit)
         except asyncio.CancelledError:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
-from relaygate.addresses import is_loopback, parse_ip
+from relaygate.addresses import DEFAULT_IPV6_PREFIX, client_group, is_loopback, parse_ip
 from relaygate.decision import Decision, Verdict
 from relaygate.errors import ConfigError, InvalidAddress
 from relaygate.mail.rcpthosts import RcptHosts
@@ -91,29 +91,33 @@ PROXY_LOCAL = Decision(Verdict.DENY, "the proxy's own connection (PROXY LOCAL)",
 
 
 class ConnectionLimiter:
-    """Open connections per client address, shared by every SMTP listener."""
+    """Open connections per client address (IPv6: per network of ``ipv6_prefix`` bits),
+    shared by every SMTP listener."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> None:
         self.limit = limit
+        self.ipv6_prefix = ipv6_prefix
         self.counts: dict[str, int] = {}
 
     def acquire(self, ip: str | None) -> bool:
         if ip is None:
             return True
-        n = self.counts.get(ip, 0)
+        key = client_group(ip, self.ipv6_prefix)
+        n = self.counts.get(key, 0)
         if n >= self.limit:
             return False
-        self.counts[ip] = n + 1
+        self.counts[key] = n + 1
         return True
 
     def release(self, ip: str | None) -> None:
         if ip is None:
             return
-        n = self.counts.get(ip, 0) - 1
+        key = client_group(ip, self.ipv6_prefix)
+        n = self.counts.get(key, 0) - 1
         if n > 0:
-            self.counts[ip] = n
+            self.counts[key] = n
         else:
-            self.counts.pop(ip, None)
+            self.counts.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -446,7 +450,8 @@ class SmtpService:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         s = ctx.settings.smtp
-        self.limiter = limiter or ConnectionLimiter(s.max_connections_per_ip)
+        self.limiter = limiter or ConnectionLimiter(s.max_connections_per_ip,
+                                                    ctx.settings.ipv6_prefix)
         self.servers: list[Listener] = []
         self.bound: list[str] = []
         self.sessions: set[RelaySMTP] = set()
@@ -577,7 +582,7 @@ def make_services(ctx: Context) -> list[Service]:
     """smtp, submission and (with a certificate) smtps services from ``ctx.settings``."""
     s = ctx.settings
     handler = RelayHandler(ctx, RcptHosts.from_settings(s))
-    limiter = ConnectionLimiter(s.smtp.max_connections_per_ip)
+    limiter = ConnectionLimiter(s.smtp.max_connections_per_ip, s.ipv6_prefix)
     tls = tls_context(ctx)
     out: list[Service] = []
     kinds = (("smtp", "smtp.listen", s.smtp.listen, False),

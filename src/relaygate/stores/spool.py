@@ -49,7 +49,7 @@ from relaygate.grants import Grant
 #: relay-ctrl-check reads one buffer of this size; anything beyond it is ignored.
 MAX_FILE_BYTES = 8192
 
-#: relay-ctrl's default window (seconds) when RELAY_CTRL_EXPIRY is unset or invalid.
+#: relay-ctrl's default window (seconds) when RELAY_CTRL_EXPIRY is unset.
 DEFAULT_EXPIRY = 900.0
 
 #: Spool files keep no source; this names the program family that wrote them.

@@ -47,7 +47,7 @@ have_ipv6_loopback = _top_conftest().have_ipv6_loopback
 RELAYGATE = str(Path(sys.executable).with_name("relaygate"))
 #: Relay windows in these tests last this long (seconds): long enough to relay
 #: once, short enough to watch them expire.
-EXPIRY = 2.0
+EXPIRY = 2  # seconds; a whole number, as every expiry setting must be
 
 
 def need_servers() -> None:

@@ -298,6 +298,11 @@ def test_hook_data_dir_option_and_group_option(tmp_path: Path) -> None:
     (["--store", "memory:"], {}, "no $IP"),
     ([], {"IP": "192.0.2.1"}, "no grant store configured"),
     (["--store", "memory:", "--expiry", "soon"], {"IP": "192.0.2.1"}, "--expiry"),
+    # the one reader of window lengths: no 1-second window from "1e3", none from "2.5"
+    (["--store", "memory:", "--expiry", "1e3"], {"IP": "192.0.2.1"},
+     "--expiry must be a whole number of seconds from 1 to 31536000, not '1e3'"),
+    (["--store", "memory:", "--expiry", "2.5"], {"IP": "192.0.2.1"}, "not '2.5'"),
+    (["--store", "memory:"], {"IP": "192.0.2.1", "RELAYGATE_EXPIRY": "30s"}, "not '30s'"),
     (["--bogus", "--store", "memory:"], {"IP": "192.0.2.1"}, "unknown option"),
 ])
 def test_hook_failures_never_stop_the_login(args: list[str], env: dict[str, str],

@@ -174,14 +174,86 @@ def test_check_expiry(spool: Path) -> None:
     assert not f.exists()
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", ""])
-def test_check_invalid_expiry_means_900(spool: Path, value: str) -> None:
+#: $RELAY_CTRL_EXPIRY values relay-ctrl read as 1 s (1e3), 30 s (30s), 900 s (abc, -5,
+#: 0, empty) or an absurd window (the huge one): each is a configuration error now
+BAD_EXPIRY = ["1e3", "30s", "abc", "-5", "0", "99999999999999999999", "", "+600", "2.5",
+              "31536001"]
+
+
+@pytest.mark.parametrize("value", BAD_EXPIRY)
+def test_check_bad_expiry_closes_every_window_but_runs_the_program(spool: Path,
+                                                                   value: str) -> None:
     f = spool / "127.0.0.2"
     f.write_bytes(GOLDEN)
-    age_file(f, 800)
-    assert "RELAYCLIENT" in check(spool, "127.0.0.2", RELAY_CTRL_EXPIRY=value)[0]
-    age_file(f, 1000)
-    assert "RELAYCLIENT" not in check(spool, "127.0.0.2", RELAY_CTRL_EXPIRY=value)[0]
+    age_file(f, 10)  # open under any sane expiry
+    env, err, rc = check(spool, "127.0.0.2", RELAY_CTRL_EXPIRY=value)
+    assert rc == 0 and env["TCPREMOTEIP"] == "127.0.0.2"  # qmail-smtpd (env) still ran
+    assert "RELAYCLIENT" not in env and "USER" not in env
+    assert re.fullmatch(
+        rf"relay-ctrl-check\[\d+\]: Warning: \$RELAY_CTRL_EXPIRY '{re.escape(value)}' must be "
+        r"a whole number of seconds from 1 to 31536000: every relay window counts as closed, "
+        r"not setting \$RELAYCLIENT\n", err), err
+    assert f.exists()  # nothing removed on the strength of a bad setting
+
+
+@pytest.mark.parametrize("value", ["600", " 600 ", "0600", "31536000"])
+def test_check_plain_integers_keep_relay_ctrls_meaning(spool: Path, value: str) -> None:
+    f = spool / "127.0.0.2"
+    f.write_bytes(GOLDEN)
+    age_file(f, 590)
+    env, err, _ = check(spool, "127.0.0.2", RELAY_CTRL_EXPIRY=value)
+    assert "RELAYCLIENT" in env and err == ""
+    if value.strip() in ("600", "0600"):
+        age_file(f, 610)
+        assert "RELAYCLIENT" not in check(spool, "127.0.0.2", RELAY_CTRL_EXPIRY=value)[0]
+
+
+def test_check_unset_expiry_is_900(spool: Path) -> None:
+    f = spool / "127.0.0.2"
+    f.write_bytes(GOLDEN)
+    age_file(f, 890)
+    assert "RELAYCLIENT" in check(spool, "127.0.0.2")[0]
+    age_file(f, 910)
+    assert "RELAYCLIENT" not in check(spool, "127.0.0.2")[0]
+
+
+@pytest.mark.parametrize("value", BAD_EXPIRY)
+def test_allow_bad_expiry_records_nothing_but_runs_the_program(spool: Path,
+                                                               value: str) -> None:
+    result = run([program("relay-ctrl-allow"), "echo", "pop3d ran"],
+                 {"TCPREMOTEIP": "127.0.0.2", "RELAY_CTRL_DIR": str(spool),
+                  "RELAY_CTRL_EXPIRY": value, "USER": "alice"})
+    assert result.returncode == 0 and result.stdout == b"pop3d ran\n"
+    assert list(spool.iterdir()) == []
+    err = result.stderr.decode()
+    assert re.fullmatch(
+        rf"relay-ctrl-allow\[\d+\]: Warning: \$RELAY_CTRL_EXPIRY '{re.escape(value)}' must be "
+        r"a whole number of seconds from 1 to 31536000: not recording 127\.0\.0\.2\n", err), err
+
+
+def test_allow_longest_expiry_leaves_the_file_time_now(spool: Path) -> None:
+    # The file time is expires_at - expiry: with the longest window it must still be
+    # "now", never in the past (relay-ctrl's absurd values ended 16 minutes back).
+    before = time.time()
+    allow(spool, "127.0.0.2", RELAY_CTRL_EXPIRY="31536000", USER="alice")
+    mtime = (spool / "127.0.0.2").stat().st_mtime
+    assert before - 0.01 <= mtime <= time.time() + 0.01
+    env, _, _ = check(spool, "127.0.0.2", RELAY_CTRL_EXPIRY="31536000")
+    assert "RELAYCLIENT" in env
+
+
+@pytest.mark.parametrize("name", ["relay-ctrl-age", "relay-ctrl-udp"])
+@pytest.mark.parametrize("value", ["1e3", "abc", "0", "99999999999999999999"])
+def test_age_and_udp_refuse_a_bad_expiry(spool: Path, name: str, value: str) -> None:
+    (spool / "127.0.0.2").write_bytes(GOLDEN)
+    age_file(spool / "127.0.0.2", 5000)
+    result = run([program(name)], {"RELAY_CTRL_DIR": str(spool), "RELAY_CTRL_EXPIRY": value,
+                                   "RELAY_CTRL_PORT": str(free_port())}, timeout=10)
+    assert result.returncode == 111
+    assert re.fullmatch(rf"{name}: Fatal: \$RELAY_CTRL_EXPIRY '{re.escape(value)}' must be a "
+                        r"whole number of seconds from 1 to 31536000\n",
+                        result.stderr.decode()), result.stderr
+    assert (spool / "127.0.0.2").exists()  # age removed nothing
 
 
 def test_check_does_nothing_when_relayclient_is_set(spool: Path) -> None:

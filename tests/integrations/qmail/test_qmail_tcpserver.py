@@ -399,3 +399,25 @@ def test_relaygate_tcpserver_start_up_errors(tmp_path: Path) -> None:
     assert result.returncode == 111, result.stderr
     assert b"$RELAY_CTRL_DIR_FD is not an open descriptor" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["1e3", "30s", "abc", "-5", "0", "99999999999999999999"])
+def test_relaygate_tcpserver_refuses_a_bad_expiry(tmp_path: Path, value: str) -> None:
+    # From the environment (daemontools envdir) or from --envdir: one line naming the
+    # variable or the file and the value, exit 111, nothing listening.
+    relaygate = str(BIN / "relaygate")
+    result = run([relaygate, "tcpserver", "127.0.0.1", "0", "true"],
+                 {"RELAY_CTRL_DIR": str(tmp_path), "RELAY_CTRL_EXPIRY": value})
+    assert result.returncode == 111, result.stderr
+    assert result.stderr.decode() == (
+        "relaygate: configuration error: $RELAY_CTRL_EXPIRY: expiry: must be a whole number "
+        f"of seconds from 1 to 31536000: {value!r}\n")
+    envdir = tmp_path / "env"
+    envdir.mkdir()
+    (envdir / "RELAY_CTRL_DIR").write_text(f"{tmp_path}\n")
+    (envdir / "RELAY_CTRL_EXPIRY").write_text(f"{value}\n")
+    result = run([relaygate, "--envdir", str(envdir), "tcpserver", "127.0.0.1", "0", "true"], {})
+    assert result.returncode == 111, result.stderr
+    assert result.stderr.decode() == (
+        f"relaygate: configuration error: {envdir / 'RELAY_CTRL_EXPIRY'}:1: expiry: must be a "
+        f"whole number of seconds from 1 to 31536000: {value!r}\n")

@@ -21,10 +21,11 @@ import time
 
 from relaygate.errors import ConfigError, StoreError
 from relaygate.integrations.qmail.env import (
+    EXIT_TEMPFAIL,
     Messages,
     StoreChoice,
+    expiry_from_env,
     open_store_from_env,
-    parse_expiry,
     wants_help,
 )
 
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     wants_help(args, PROGRAM)
     say = Messages(PROGRAM, show_pid=False)
     env = os.environ
-    expiry = parse_expiry(env.get("RELAY_CTRL_EXPIRY"))
+    try:
+        expiry = expiry_from_env(env)
+    except ValueError as exc:
+        say.die(EXIT_TEMPFAIL, str(exc))
     if not env.get("RELAYGATE_STORE") and "RELAY_CTRL_DIR" not in env \
             and "RELAY_CTRL_DIR_FD" not in env:
         say.die(EXIT_NO_SPOOL, "$RELAY_CTRL_DIR is not set.")

@@ -18,7 +18,9 @@ arguments (with none, it exits 0).
 Better than the original: IPv6 clients can log in (the C program refuses any
 address with a colon), and ``$RELAYGATE_STORE`` writes to SQLite or Redis.
 A failure to record the window is a warning, never a failed login: the user
-still gets their mail, they just cannot relay.
+still gets their mail, they just cannot relay. A ``$RELAY_CTRL_EXPIRY`` that
+is not a plain positive integer is such a failure (one warning naming it, no
+window recorded), never a silent window of 1 or 900 seconds.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from relaygate.integrations.qmail.env import (
     close_dir_fd,
     courier_authenticated,
     exec_next,
+    expiry_from_env,
     open_store_from_env,
-    parse_expiry,
     shown,
     wants_help,
 )
@@ -89,7 +91,11 @@ def user_value(env: MutableMapping[str, str], name: str, say: Messages) -> str |
 
 def record(env: MutableMapping[str, str], ip: str, say: Messages) -> None:
     """Write the grant for ``ip``; every failure is a warning (the login still succeeds)."""
-    expiry = parse_expiry(env.get("RELAY_CTRL_EXPIRY"))
+    try:
+        expiry = expiry_from_env(env)
+    except ValueError as exc:
+        say.warn(f"{exc}: not recording {ip}")  # no window of a length nobody chose
+        return
     choice: StoreChoice | None = None
     try:
         choice = open_store_from_env(env, expiry, say)

@@ -23,6 +23,8 @@ Deliberately better than the original:
   (``LD_PRELOAD``, ``QMAILQUEUE``, ``RELAYCLIENT``...) is ignored and logged;
 - a store that cannot be read means no ``$RELAYCLIENT`` (fail closed) and a
   warning, and qmail-smtpd still runs, so mail to local users still arrives;
+  so does a ``$RELAY_CTRL_EXPIRY`` that is not a plain positive integer
+  (relay-ctrl read ``abc`` as 900 and ``1e3`` as 1; see :mod:`relaygate.expiry`);
 - ``$RELAYGATE_STORE`` selects SQLite or Redis (a cluster sharing its windows).
 
 Start-up budget: this runs per connection, so it imports only ``os``, ``sys``
@@ -46,8 +48,8 @@ from relaygate.integrations.qmail.env import (
     StoreChoice,
     close_dir_fd,
     exec_next,
+    expiry_from_env,
     open_store_from_env,
-    parse_expiry,
     shown,
     wants_help,
 )
@@ -94,7 +96,12 @@ def check(env: MutableMapping[str, str], say: Messages, log_ips: bool, log_env: 
     except InvalidAddress:
         say.warn(f"$TCPREMOTEIP '{shown(raw)}' is not an IP address, not checking IP")
         return
-    expiry = parse_expiry(env.get("RELAY_CTRL_EXPIRY"))
+    try:
+        expiry = expiry_from_env(env)
+    except ValueError as exc:
+        # A configuration error: fail closed for relaying, but qmail-smtpd still runs.
+        say.warn(f"{exc}: every relay window counts as closed, not setting $RELAYCLIENT")
+        return
     choice: StoreChoice | None = None
     try:
         try:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import os
 import sys
 
+from relaygate.expiry import DEFAULT_EXPIRY, parse_expiry
+
 # Not `from typing import ...`: typing costs milliseconds of start-up on every SMTP
 # connection. mypy treats a module-level TYPE_CHECKING name like typing's.
 TYPE_CHECKING = False
@@ -44,9 +46,6 @@ if TYPE_CHECKING:
 EXIT_TEMPFAIL = 111
 #: relay-ctrl's exit code for a missing program argument.
 EXIT_USAGE = 1
-
-#: relay-ctrl's window when $RELAY_CTRL_EXPIRY is unset, invalid or <= 0 (seconds).
-DEFAULT_EXPIRY = 900
 
 #: relay-ctrl's UDP port (relay-ctrl-send, relay-ctrl-udp).
 DEFAULT_PORT = 811
@@ -113,22 +112,20 @@ class Messages:
 # -- environment values -----------------------------------------------------------
 
 
-def parse_expiry(value: str | None) -> int:
-    """``$RELAY_CTRL_EXPIRY`` read as relay-ctrl does (``atol``; invalid or <= 0 is 900)."""
+def expiry_from_env(env: MutableMapping[str, str]) -> int:
+    """``$RELAY_CTRL_EXPIRY`` in seconds (relay-ctrl's 900 when unset).
+
+    Raises ValueError with a one-line message naming the value when it is not a
+    plain positive integer (see :mod:`relaygate.expiry`); the program decides
+    what that means (check: every window closed; allow: nothing recorded).
+    """
+    value = env.get("RELAY_CTRL_EXPIRY")
     if value is None:
         return DEFAULT_EXPIRY
-    text = value.lstrip(" \t\n\r\f\v")
-    sign = 1
-    if text[:1] in ("+", "-"):
-        sign = -1 if text[0] == "-" else 1
-        text = text[1:]
-    digits = 0
-    while digits < len(text) and "0" <= text[digits] <= "9":
-        digits += 1
-    if digits == 0:
-        return DEFAULT_EXPIRY
-    number = sign * int(text[:digits])
-    return number if number > 0 else DEFAULT_EXPIRY
+    try:
+        return parse_expiry(value)
+    except ValueError as exc:
+        raise ValueError(f"$RELAY_CTRL_EXPIRY '{shown(value)}' {exc}") from None
 
 
 def parse_port(value: str | None, default: int = DEFAULT_PORT) -> int:

@@ -13,8 +13,13 @@ _COMMON_STORE = """\
                       relay-ctrl-chdir; used instead of the path when set.
   RELAYGATE_STORE     relaygate only: use another grant store instead of the
                       spool: sqlite:///PATH, redis://HOST:PORT/DB, spool:///DIR.
-  RELAY_CTRL_EXPIRY   Seconds a window stays open after the login (default
-                      900; a value that is not a positive number means 900).
+  RELAY_CTRL_EXPIRY   Seconds a window stays open after the login: a plain
+                      positive integer up to 31536000 (one year); default 900
+                      when unset. Anything else (1e3, 30s, abc, -5, 0, a huge
+                      number) is a configuration error, logged with the value:
+                      relay-ctrl-check then treats every window as closed and
+                      relay-ctrl-allow records nothing (both still run program);
+                      relay-ctrl-age and relay-ctrl-udp exit 111.
 """
 
 PAGES: dict[str, str] = {
@@ -132,6 +137,7 @@ DESCRIPTORS
 
 EXIT CODES
   0: done. 1: $RELAY_CTRL_DIR not set, or the store could not be reached.
+  111: $RELAY_CTRL_EXPIRY is not a plain positive integer.
 
 SEE ALSO
   relay-ctrl-allow, relay-ctrl-check, relaygate age
@@ -249,7 +255,8 @@ DESCRIPTORS
   None used.
 
 EXIT CODES
-  Runs until killed. 111: no store configured, or the port cannot be bound.
+  Runs until killed. 111: no store configured, the port cannot be bound, or
+  $RELAY_CTRL_EXPIRY is not a plain positive integer.
 
 SEE ALSO
   relay-ctrl-send, relay-ctrl-check

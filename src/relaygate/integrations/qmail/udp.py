@@ -35,8 +35,8 @@ from relaygate.integrations.qmail.env import (
     EXIT_TEMPFAIL,
     EXPORTED,
     Messages,
+    expiry_from_env,
     open_store_from_env,
-    parse_expiry,
     parse_port,
     shown,
     wants_help,
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     wants_help(args, PROGRAM)
     say = Messages(PROGRAM, show_pid=False)
     env = os.environ
-    expiry = parse_expiry(env.get("RELAY_CTRL_EXPIRY"))
+    try:
+        expiry = expiry_from_env(env)
+    except ValueError as exc:
+        say.die(EXIT_TEMPFAIL, str(exc))
     try:
         choice = open_store_from_env(env, expiry, say)
         senders = parse_senders(env.get("RELAY_CTRL_SENDERS"))
