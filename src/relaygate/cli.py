@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "init": "relaygate.commands.serve:init",
     "status": "relaygate.commands.serve:status",
     "policyd": "relaygate.commands.postfix_dovecot:policyd",
+    "socketmap": "relaygate.commands.postfix_dovecot:socketmap",
     "dovecot-postlogin": "relaygate.commands.postfix_dovecot:dovecot_postlogin",
     "watch-log": "relaygate.commands.postfix_dovecot:watch_log",
     "doctor": "relaygate.commands.postfix_dovecot:doctor",
@@ -70,8 +71,9 @@ class LazyGroup(click.Group):
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Data directory (default ./relaygate-data; also $RELAYGATE_DATA_DIR).")
 @click.option("--store", metavar="URL",
-              help="Grant store: sqlite:///PATH, spool:///DIR, redis://HOST:PORT/DB, memory: "
-                   "(also $RELAYGATE_STORE; default SQLite in the data directory).")
+              help="Grant store: sqlite:///PATH, spool:///DIR, redis://HOST:PORT/DB, "
+                   "redis+sentinel://HOST:PORT,.../SERVICE, redis+cluster://HOST:PORT,..., "
+                   "memory: (also $RELAYGATE_STORE; default SQLite in the data directory).")
 @click.option("--expiry", type=str, metavar="SECONDS",
               help="How long a login keeps the relay window open (default 900).")
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False),

@@ -129,6 +129,22 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class SocketmapSettings:
+    listen: tuple[str, ...] = ()
+    #: the value answered with OK for an address that may relay (Sendmail's rulesets see
+    #: it; OK is also a Postfix access(5) action, so check_client_access works as is)
+    value: str = "OK"
+    #: permissions of a UNIX socketmap socket (octal); the MTA must be able to write it
+    socket_mode: str = "0660"
+    #: group of a UNIX socketmap socket (e.g. smmsp or postfix); empty = the daemon's own
+    socket_group: str | None = None
+    #: seconds a socketmap connection may stay silent (Sendmail and Postfix reconnect)
+    idle_timeout: float = 600.0
+    #: threads running store lookups for redis and spool stores (as policy.threads)
+    threads: int = 1
+
+
+@dataclass(frozen=True)
 class LogwatchSettings:
     #: extra login-line patterns NAME=REGEX (group ip, optional user), matched on TAG[PID]: MESSAGE
     patterns: tuple[str, ...] = ()
@@ -182,6 +198,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    socketmap: SocketmapSettings = field(default_factory=SocketmapSettings)
     logwatch: LogwatchSettings = field(default_factory=LogwatchSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
@@ -240,6 +257,7 @@ _POSITIVE = {
     "auth.throttle_window", "auth.throttle_lockout", "queue.lifetime", "queue.concurrency",
     "queue.per_destination", "queue.connect_timeout", "queue.command_timeout",
     "policy.idle_timeout", "policy.threads", "logwatch.interval",
+    "socketmap.idle_timeout", "socketmap.threads",
 }
 
 #: lower bounds above zero, with why

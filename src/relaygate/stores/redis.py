@@ -35,15 +35,41 @@ Semantics:
 Sockets time out after :data:`CONNECT_TIMEOUT` / :data:`SOCKET_TIMEOUT`
 seconds with one immediate retry, so a dead Redis turns into
 :class:`StoreError` (TEMPFAIL) within a couple of seconds instead of hanging an
-SMTP session. Every ``redis.exceptions.RedisError`` and ``OSError`` becomes
-StoreError. The scripts address keys they compute from the prefix, so Redis
-Cluster is only supported with a hash-tagged prefix (e.g. ``{relaygate}:``)
-that puts every key in one slot.
+SMTP session. Every redis-py error and ``OSError`` becomes StoreError.
+
+Highly available Redis (URLs parsed in stores/redis_url.py)
+-----------------------------------------------------------
+``redis+sentinel://`` uses redis-py's Sentinel client: each new connection asks
+the sentinels for the current master (``SENTINEL MASTERS``; a master they see as
+down is no answer), a connection that fails or finds a demoted master
+(``READONLY``) is dropped, and the next command connects to whichever master
+the sentinels name then. Between the master's death and the replica's promotion
+every operation fails (refused connection, or no master known) and becomes
+StoreError, so relaying fails closed and resumes by itself after the failover.
+The key layout is the plain one above.
+
+``redis+cluster://`` uses redis-py's RedisCluster (MOVED/ASK handling, slot
+map). A Lua script may only touch keys of one hash slot, so the keys are spread
+over :data:`CLUSTER_TAGS` buckets, each one hash tag::
+
+    P{t}<ip>  P{t}@expiry  P{t}@user:<user>     t = CLUSTER_TAGS[crc32(ip) % 16]
+
+A grant, its entry in the expiry index and its user-set entry live in the
+bucket of its address, so ``put``/``get``/``delete`` touch one slot.
+``age``, ``list`` and ``delete_user`` visit every bucket, one single-slot script
+or pipeline each: they work across shards without any cross-slot command. The
+tags are chosen so that bucket ``i`` lies in the ``i``-th sixteenth of the slot
+space, so the buckets spread over the masters of any evenly split cluster. The
+client connects on first use (not when the store is opened), so a cluster that
+is down at start-up is TEMPFAIL like any other outage.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+import threading
+import zlib
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -54,6 +80,7 @@ from relaygate.addresses import require_canonical
 from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
 from relaygate.stores import redact_url
+from relaygate.stores.redis_url import HaRedisURL, parse_ha_url
 
 DEFAULT_PREFIX = "relaygate:grant:"
 
@@ -71,6 +98,23 @@ AGE_BATCH = 1000
 
 #: Hashes fetched per pipeline round trip in list().
 LIST_BATCH = 1000
+
+#: Hash tags of the Redis Cluster buckets (module docstring). Fixed: every host
+#: sharing a store must agree on them; tag i hashes to a slot in the i-th
+#: sixteenth of 0..16383 (tests/stores/test_redis_ha.py checks it).
+CLUSTER_TAGS = ("03", "122", "212", "311", "461", "562", "60", "742",
+                "843", "940", "a21", "b60", "c13", "d13", "e61", "f20")
+
+#: What redis-py raises: RedisClusterException is not a RedisError.
+_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+
+
+class _Bucket(NamedTuple):
+    """The keys of one group of grants that live in one hash slot (or the whole store)."""
+
+    prefix: str  # grant hash = prefix + ip
+    expiry_key: str
+    user_prefix: str  # user set = user_prefix + user
 
 _PUT = """
 local old = redis.call('HGET', KEYS[1], 'user')
@@ -138,24 +182,65 @@ def _num(value: float) -> str:
 
 
 class RedisStore:
-    """Grants in Redis (see the module docstring); ``client`` is a sync ``redis.Redis``."""
+    """Grants in Redis (see the module docstring); ``client`` is a sync ``redis.Redis``
+    (or ``RedisCluster``), made on first use by ``connect`` when no client is given."""
 
     kind = "redis"
 
     def __init__(
-        self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, owns_client: bool = False
+        self,
+        client: Any = None,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        owns_client: bool = False,
+        connect: Callable[[], Any] | None = None,
+        cluster: bool = False,
+        mode: str = "redis",
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         if not prefix:
             raise ValueError("the Redis key prefix must not be empty")
-        self.client = client
+        if client is None and connect is None:
+            raise ValueError("give a client or a connect function")
         self.prefix = prefix
-        self._expiry_key = prefix + "@expiry"
-        self._user_prefix = prefix + "@user:"
+        #: redis, sentinel or cluster: how the store finds its server(s)
+        self.mode = mode
+        if cluster:
+            self._buckets = [
+                _Bucket(f"{prefix}{{{t}}}", f"{prefix}{{{t}}}@expiry", f"{prefix}{{{t}}}@user:")
+                for t in CLUSTER_TAGS
+            ]
+        else:
+            self._buckets = [_Bucket(prefix, prefix + "@expiry", prefix + "@user:")]
         self._owns_client = owns_client
+        self._connect = connect
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._client: Any = None
+        if client is not None:
+            self._attach(client)
+
+    def _attach(self, client: Any) -> None:
         self._put = client.register_script(_PUT)
         self._delete = client.register_script(_DELETE)
         self._delete_user = client.register_script(_DELETE_USER)
         self._age = client.register_script(_AGE)
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client, connected on first use (raises what redis-py raises)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    assert self._connect is not None
+                    self._attach(self._connect())
+        return self._client
+
+    def _bucket(self, ip: str) -> _Bucket:
+        if len(self._buckets) == 1:
+            return self._buckets[0]
+        return self._buckets[zlib.crc32(ip.encode("ascii")) % len(self._buckets)]
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -165,9 +250,11 @@ class RedisStore:
         (e.g. ``socket_timeout=2``), overriding our short defaults.
         """
         parts = urlsplit(url)
+        if parts.scheme in ("redis+sentinel", "redis+cluster"):
+            return cls._from_ha_url(parse_ha_url(url))
         if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError("Redis store URL must start with redis:// or rediss://",
-                              value=redact_url(url))
+            raise ConfigError("Redis store URL must start with redis://, rediss://, "
+                              "redis+sentinel:// or redis+cluster://", value=redact_url(url))
         query = parse_qsl(parts.query, keep_blank_values=True)
         prefix = DEFAULT_PREFIX
         rest = []
@@ -190,11 +277,63 @@ class RedisStore:
             raise ConfigError(f"bad Redis store URL ({exc})", value=redact_url(url)) from None
         return cls(client, prefix, owns_client=True)
 
+    @classmethod
+    def _from_ha_url(cls, parsed: HaRedisURL) -> RedisStore:
+        opts = dict(parsed.options)
+        timeouts = {
+            "socket_connect_timeout": opts.pop("socket_connect_timeout", CONNECT_TIMEOUT),
+            "socket_timeout": opts.pop("socket_timeout", SOCKET_TIMEOUT),
+        }
+        tls = {k: opts.pop(k) for k in list(opts) if k.startswith("ssl_")}
+        prefix = parsed.prefix or DEFAULT_PREFIX
+        data: dict[str, Any] = dict(timeouts)
+        for key in ("username", "password"):
+            if key in opts:
+                data[key] = opts[key]
+        if opts.get("ssl"):
+            data["ssl"] = True
+            data.update(tls)
+        if parsed.sentinel:
+            from redis.sentinel import Sentinel
+
+            assert parsed.service is not None
+            # No retries against a sentinel (redis-py's default backs off for seconds):
+            # discover_master already asks the next one.
+            side: dict[str, Any] = dict(timeouts, retry=Retry(NoBackoff(), 0))
+            for key in ("username", "password"):
+                if f"sentinel_{key}" in opts:
+                    side[key] = opts[f"sentinel_{key}"]
+            if opts.get("sentinel_ssl", opts.get("ssl")):
+                side["ssl"] = True
+                side.update(tls)
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(parsed.hosts), sentinel_kwargs=side
+            )
+            client = sentinel.master_for(  # type: ignore[no-untyped-call]
+                parsed.service, db=parsed.db, retry=Retry(NoBackoff(), RETRIES), **data
+            )
+
+            def close_sentinels() -> None:
+                for s in sentinel.sentinels:
+                    s.close()
+
+            return cls(client, prefix, owns_client=True, mode="sentinel",
+                       on_close=close_sentinels)
+
+        from redis.cluster import ClusterNode, RedisCluster
+
+        def connect() -> Any:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                               for h, p in parsed.hosts],
+                retry=Retry(NoBackoff(), RETRIES),
+                **data,
+            )
+
+        return cls(None, prefix, owns_client=True, connect=connect, cluster=True, mode="cluster")
+
     def _error(self, what: str, exc: Exception) -> StoreError:
         return StoreError(f"redis: {what}: {type(exc).__name__}: {exc}")
-
-    def _key(self, ip: str) -> str:
-        return self.prefix + ip
 
     @staticmethod
     def _grant(ip: str, fields: dict[bytes, bytes]) -> Grant:
@@ -217,6 +356,7 @@ class RedisStore:
 
     def put(self, grant: Grant) -> None:
         ip = require_canonical(grant.ip)
+        b = self._bucket(ip)
         args = [
             ip,
             "0" if grant.user is None else "1",
@@ -227,18 +367,19 @@ class RedisStore:
             _num(grant.opened_at),
             _num(grant.expires_at),
             str(int(grant.expires_at * 1000)),
-            self._user_prefix,
+            b.user_prefix,
         ]
         try:
-            self._put(keys=[self._key(ip), self._expiry_key], args=args)
-        except (redis.exceptions.RedisError, OSError) as exc:
+            self.client  # noqa: B018 - connects (and registers the scripts) on first use
+            self._put(keys=[b.prefix + ip, b.expiry_key], args=args)
+        except _ERRORS as exc:
             raise self._error(f"cannot store grant for {ip}", exc) from None
 
     def get(self, ip: str, now: float) -> Grant | None:
         ip = require_canonical(ip)
         try:
-            fields = cast("dict[bytes, bytes]", self.client.hgetall(self._key(ip)))
-        except (redis.exceptions.RedisError, OSError) as exc:
+            fields = cast("dict[bytes, bytes]", self.client.hgetall(self._bucket(ip).prefix + ip))
+        except _ERRORS as exc:
             raise self._error(f"cannot read grant for {ip}", exc) from None
         if not fields:
             return None
@@ -247,52 +388,60 @@ class RedisStore:
 
     def delete(self, ip: str) -> bool:
         ip = require_canonical(ip)
+        b = self._bucket(ip)
         try:
-            n = self._delete(keys=[self._key(ip), self._expiry_key], args=[ip, self._user_prefix])
-        except (redis.exceptions.RedisError, OSError) as exc:
+            self.client  # noqa: B018 - connects on first use
+            n = self._delete(keys=[b.prefix + ip, b.expiry_key], args=[ip, b.user_prefix])
+        except _ERRORS as exc:
             raise self._error(f"cannot delete grant for {ip}", exc) from None
         return int(n) > 0
 
     def delete_user(self, user: str) -> int:
+        n = 0
         try:
-            n = self._delete_user(
-                keys=[self._user_prefix + user, self._expiry_key], args=[self.prefix, user]
-            )
-        except (redis.exceptions.RedisError, OSError) as exc:
+            self.client  # noqa: B018 - connects on first use
+            for b in self._buckets:
+                n += int(self._delete_user(keys=[b.user_prefix + user, b.expiry_key],
+                                           args=[b.prefix, user]))
+        except _ERRORS as exc:
             raise self._error(f"cannot delete grants of {user}", exc) from None
-        return int(n)
+        return n
 
     def age(self, now: float) -> int:
         """Remove grants with ``expires_at < now`` from the indexes (and Redis); count them."""
         total = 0
-        args = [_num(now), self.prefix, str(AGE_BATCH), self._user_prefix]
         try:
-            while True:
-                n = int(self._age(keys=[self._expiry_key], args=args))
-                total += n
-                if n < AGE_BATCH:
-                    return total
-        except (redis.exceptions.RedisError, OSError) as exc:
+            self.client  # noqa: B018 - connects on first use
+            for b in self._buckets:
+                args = [_num(now), b.prefix, str(AGE_BATCH), b.user_prefix]
+                while True:
+                    n = int(self._age(keys=[b.expiry_key], args=args))
+                    total += n
+                    if n < AGE_BATCH:
+                        break
+        except _ERRORS as exc:
             raise self._error("cannot age grants", exc) from None
+        return total
 
     def list(self, now: float) -> list[Grant]:
+        grants: list[Grant] = []
         try:
-            members = cast(
-                "list[bytes]", self.client.zrangebyscore(self._expiry_key, _num(now), "+inf")
-            )
-            grants: list[Grant] = []
-            for start in range(0, len(members), LIST_BATCH):
-                chunk = [m.decode("ascii") for m in members[start : start + LIST_BATCH]]
-                pipe = self.client.pipeline(transaction=False)
-                for ip in chunk:
-                    pipe.hgetall(self._key(ip))
-                replies: list[Any] = pipe.execute()
-                for ip, fields in zip(chunk, replies, strict=True):
-                    if fields:
-                        grant = self._grant(ip, cast("dict[bytes, bytes]", fields))
-                        if grant.live(now):
-                            grants.append(grant)
-        except (redis.exceptions.RedisError, OSError) as exc:
+            for b in self._buckets:
+                members = cast(
+                    "list[bytes]", self.client.zrangebyscore(b.expiry_key, _num(now), "+inf")
+                )
+                for start in range(0, len(members), LIST_BATCH):
+                    chunk = [m.decode("ascii") for m in members[start : start + LIST_BATCH]]
+                    pipe = self.client.pipeline(transaction=False)
+                    for ip in chunk:
+                        pipe.hgetall(b.prefix + ip)
+                    replies: list[Any] = pipe.execute()
+                    for ip, fields in zip(chunk, replies, strict=True):
+                        if fields:
+                            grant = self._grant(ip, cast("dict[bytes, bytes]", fields))
+                            if grant.live(now):
+                                grants.append(grant)
+        except _ERRORS as exc:
             raise self._error("cannot list grants", exc) from None
         grants.sort(key=lambda g: (g.opened_at, g.ip))
         return grants
@@ -301,7 +450,9 @@ class RedisStore:
         """Close the client if this store made it (from_url); a shared client stays open."""
         if self._owns_client:
             try:
-                self.client.close()
-            except (redis.exceptions.RedisError, OSError):
+                if self._client is not None:
+                    self._client.close()
+                if self._on_close is not None:
+                    self._on_close()
+            except _ERRORS:
                 pass
-
