@@ -132,3 +132,18 @@ async def test_smtp_forwarded_clients_get_their_own_auth_rule_and_local_relays_n
     assert not forwarded.client.plaintext_auth and forwarded.client.fixed is None
     local = svc.make_protocol(info, Peer("127.0.0.9", 1, proxy="127.0.0.9", local=True))
     assert local.client.fixed is not None and not local.client.fixed.allowed
+
+
+def test_log_watcher_opens_no_window_for_a_trusted_proxy(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Dovecot behind HAProxy without haproxy = yes logs the proxy's address."""
+    from relaygate.integrations.logwatch import window_opener
+    from relaygate.protocols.loglines import LoginEvent
+
+    control = RelayControl(MemoryStore(), trusted_proxies=Networks(["10.0.0.10"]))
+    handle = window_opener(control)
+    handle(LoginEvent("10.0.0.10", "alice", None, "imap", "dovecot"))
+    handle(LoginEvent("192.0.2.7", "alice", None, "imap", "dovecot"))
+    assert [g.ip for g in control.list()] == ["192.0.2.7"]
+    assert "no relay window for 10.0.0.10 (imap login of alice): it is a trusted proxy" \
+        in caplog.text

@@ -148,10 +148,14 @@ class SocketmapSettings:
 class LogwatchSettings:
     #: extra login-line patterns NAME=REGEX (group ip, optional user), matched on TAG[PID]: MESSAGE
     patterns: tuple[str, ...] = ()
-    #: built-in patterns in use: dovecot, dovecot-log, courier, uw, qpopper, cyrus
-    builtins: tuple[str, ...] = ("dovecot", "dovecot-log", "courier", "uw", "qpopper", "cyrus")
+    #: built-in pattern families in use (default all; see docs/log-watcher.md)
+    builtins: tuple[str, ...] = (
+        "dovecot", "dovecot-log", "courier", "uw", "qpopper", "cyrus", "gnu-pop3d", "vchkpw",
+        "vm-pop3d", "popa3d", "perdition", "solid-pop3d", "teapop", "cucipop", "apple")
     #: seconds between checks of followed files for new lines, rotation and truncation
     interval: float = 0.25
+    #: seconds a session never logged out keeps its address's window open (0 = only the login)
+    max_session: float = 43200.0
 
 
 @dataclass(frozen=True)
@@ -259,11 +263,12 @@ _POSITIVE = {
     "policy.idle_timeout", "policy.threads", "logwatch.interval",
     "socketmap.idle_timeout", "socketmap.threads",
 }
-
 #: lower bounds above zero, with why
 _MINIMUM: dict[str, int] = {
     # one message may hold this much on its way to disk (servers/smtp_data.MESSAGE_BUFFER)
     "smtp.data_memory_limit": 1024 * 1024,
+    # 0 turns sessions off; a negative time means nothing
+    "logwatch.max_session": 0,
 }
 
 

@@ -408,3 +408,30 @@ def test_deploy_redis_files_work_with_passwords(tmp_path: Path) -> None:
     finally:
         for s in [*sentinels, replica, master]:
             s.stop()
+
+
+def test_status_and_errors_never_show_the_passwords(tmp_path: Path) -> None:
+    """``relaygate status`` / ``list`` on an unreachable Sentinel store, and a bad URL."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
+    url = (f"redis+sentinel://127.0.0.1:{free_port()}/rg"
+           "?password=hunter2&sentinel_password=swordfish")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relaygate", "--data-dir",
+                               str(tmp_path / "d"), *args], capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    status = run("--store", url, "status")
+    listing = run("--store", url, "list")
+    bad = run("--store", url.replace("/rg?", "/rg/x?"), "list")
+    for r in (status, listing, bad):
+        assert "hunter2" not in r.stdout + r.stderr and "swordfish" not in r.stdout + r.stderr
+    assert "password=***&sentinel_password=***" in status.stdout
+    assert "no sentinel (127.0.0.1:" in status.stdout  # short, not redis-py's client reprs
+    assert listing.returncode == 111 and "no sentinel (127.0.0.1:" in listing.stderr
+    assert bad.returncode != 0 and "database number must be a number" in bad.stderr
+    assert "option --store" in bad.stderr and "password=***" in bad.stderr

@@ -17,13 +17,16 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from relaygate.cli import EXIT_TEMPFAIL, settings_from, trusted_proxy_option
 
 _LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
+
+if TYPE_CHECKING:
+    from relaygate.protocols.loglines import LoginMatcher
 
 log = logging.getLogger("relaygate.commands")
 
@@ -209,17 +212,20 @@ def dovecot_postlogin(ctx: click.Context, args: tuple[str, ...]) -> None:
 
 
 @click.command("watch-log")
-@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.argument("files", nargs=-1, metavar="FILE...")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "syslog", "dovecot-log", "journal-export"]),
+              type=click.Choice(["auto", "syslog", "dovecot-log", "qpopper-log", "apple-log",
+                                 "journal-export"]),
               help="Line format (auto: journald export if the stream starts like it, else "
-                   "syslog lines, else Dovecot's own log file).")
+                   "each line is read as syslog, Dovecot's, Qpopper's or Apple's own log).")
 @click.option("--pattern", "patterns", multiple=True, metavar="NAME=REGEX",
               help="Extra login pattern, repeatable: a regex with a named group 'ip' (and "
                    "optionally 'user'), full-matched against 'TAG[PID]: MESSAGE'.")
 @click.option("--builtin", "builtins", multiple=True, metavar="NAME",
-              help="Use only these built-in patterns (dovecot, dovecot-log, courier, uw, "
-                   "qpopper, cyrus; 'none' for custom patterns only). Default: all.")
+              help="Use only these built-in pattern families (dovecot, dovecot-log, courier, "
+                   "uw, qpopper, cyrus, gnu-pop3d, vchkpw, vm-pop3d, popa3d, perdition, "
+                   "solid-pop3d, teapop, cucipop, apple; 'none' for custom patterns only). "
+                   "Default: all.")
 @click.option("--from-start", is_flag=True,
               help="Read files from their start (default: only lines written from now on).")
 @click.option("--once", is_flag=True,
@@ -227,36 +233,55 @@ def dovecot_postlogin(ctx: click.Context, args: tuple[str, ...]) -> None:
                    "catch up after downtime, or test patterns with --dry-run.")
 @click.option("--dry-run", is_flag=True,
               help="Print the logins found on stdout; open no window.")
+@click.option("--test", "test_file", metavar="FILE",
+              help="Pattern tester: print for each line of FILE ('-' = stdin) which pattern "
+                   "matched, the address and user taken, and why near misses did not match; "
+                   "open no window.")
+@click.option("--max-session", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Longest a session never logged out keeps its window open (servers that "
+                   "log logouts; default 43200 = 12 h; 0 = a login's window just expires).")
 @click.option("--interval", type=click.FloatRange(min=0.01),
               help="Seconds between polls of the files (default 0.25).")
 @click.option("--log-level", type=_LOG_LEVELS, help="Log level (default info).")
 @click.pass_context
 def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tuple[str, ...],
               builtins: tuple[str, ...], from_start: bool, once: bool, dry_run: bool,
-              interval: float | None, log_level: str | None) -> None:
+              test_file: str | None, max_session: float | None, interval: float | None,
+              log_level: str | None) -> None:
     """Open relay windows from POP3/IMAP login lines in FILE... ('-' = stdin).
 
     Follows files across rotation (rename and truncate), like tail -F. Reads
-    syslog files (/var/log/mail.log), Dovecot's own log_path file, or
-    journald's export format:
+    syslog files (/var/log/mail.log), Dovecot's own log_path file, Qpopper's
+    and Apple Mail Server's own logs, or journald's export format:
 
     \b
       journalctl -o export -f _SYSTEMD_UNIT=dovecot.service | relaygate watch-log -
 
-    Built-in patterns: Dovecot 1.x-2.3 (syslog and log_path), Courier, UW
-    imapd/ipop3d, Qpopper, Cyrus. A line counts only when its daemon tag and
-    its whole shape match (a client can put text of its choice in other
-    daemons' lines). Exit 111 when stdin ends.
+    Built-in patterns (docs/log-watcher.md): Dovecot (also proxy/director),
+    Courier, UW, Qpopper, Cyrus, GNU pop3d, vpopmail's vchkpw, vm-pop3d,
+    popa3d, Perdition, solid-pop3d, teapop, cucipop, Apple Mail Server. Logins
+    logged on two lines (connect, then success of the same pid) are joined;
+    where a server logs logouts the window stays open until the logout. A
+    line counts only when its daemon tag and its whole shape match (a client
+    can put text of its choice in other daemons' lines). Check a pattern on a
+    real log with --test FILE. Exit 111 when stdin ends.
     """
     settings = settings_from(ctx, **{
         "log_level": log_level,
         "logwatch.interval": interval,
+        "logwatch.max_session": max_session,
     })
     from relaygate.errors import ConfigError
     from relaygate.integrations.logwatch import LogWatcher, window_opener
     from relaygate.log import setup_logging
     from relaygate.protocols.loglines import LoginEvent, LoginMatcher
 
+    if test_file is None and not files:
+        raise click.UsageError("give FILE... to watch (or --test FILE)")
+    if test_file is not None and files:
+        raise click.UsageError("--test FILE reads only FILE: give no other FILE")
+    if test_file is not None and fmt == "journal-export":
+        raise click.UsageError("--test reads text lines: feed it journalctl -o short-iso")
     setup_logging(settings.log_format, settings.log_level)
     chosen = builtins or settings.logwatch.builtins
     if "none" in chosen:
@@ -265,11 +290,14 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         matcher = LoginMatcher(chosen, (*settings.logwatch.patterns, *patterns))
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
+    if test_file is not None:
+        _run_tester(test_file, matcher, fmt)
+        return
     handler: Callable[[LoginEvent], None]
     if dry_run:
         def show(ev: LoginEvent) -> None:
             click.echo(f"{ev.ip} user={ev.user or '-'} service={ev.service} "
-                       f"pattern={ev.pattern}")
+                       f"pattern={ev.pattern}{' refresh' if ev.refresh else ''}")
         handler, store = show, None
     else:
         from relaygate.runtime import build_control
@@ -278,7 +306,9 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         store = control.store
         handler = window_opener(control)
     watcher = LogWatcher(list(files), matcher, handler, fmt=fmt,
-                         interval=settings.logwatch.interval, from_start=from_start or once)
+                         interval=settings.logwatch.interval, from_start=from_start or once,
+                         refresh_every=settings.expiry / 2,
+                         max_session=settings.logwatch.max_session)
     try:
         if once:
             rc = watcher.run_once()
@@ -292,6 +322,24 @@ def watch_log(ctx: click.Context, files: tuple[str, ...], fmt: str, patterns: tu
         if store is not None:
             store.close()
     ctx.exit(rc)
+
+
+def _run_tester(path: str, matcher: LoginMatcher, fmt: str) -> None:
+    """``watch-log --test``: explain each line of ``path`` ('-' = stdin) on stdout."""
+    import sys
+
+    from relaygate.integrations.logwatch import run_tester
+
+    if path == "-":
+        fd = sys.stdin.fileno()
+        run_tester(lambda: os.read(fd, 65536), matcher, sys.stdout, fmt=fmt)
+        return
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise click.FileError(path, exc.strerror) from None
+    with f:
+        run_tester(lambda: f.read(65536), matcher, sys.stdout, fmt=fmt)
 
 
 @click.group()
@@ -332,14 +380,54 @@ def doctor_postfix(ctx: click.Context, config_dir: str | None, policies: tuple[s
         ctx.exit(EXIT_TEMPFAIL)
     where = config_dir or "Postfix's default configuration"
     click.echo(f"Postfix {report.version}, {where}")
-    for name in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions"):
+    for name in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions", "mynetworks"):
         click.echo(f"  {name} = {report.values.get(name, '')}")
     for f in report.findings:
         click.echo(f"{f.level}: {f.message}")
     if report.problems:
         click.echo(f"{len(report.problems)} problem(s); see docs/postfix-dovecot.md", err=True)
         ctx.exit(1)
-    click.echo("relaygate's policy is in place")
+    warnings = sum(1 for f in report.findings if f.level == "warning")
+    click.echo("relaygate's policy is in place"
+               + (f" ({warnings} warning(s) above)" if warnings else ""))
+
+
+@doctor.command("dovecot")
+@click.option("-c", "--config-file", type=click.Path(dir_okay=False),
+              help="Dovecot configuration file (doveconf -c; default Dovecot's own).")
+@click.option("--doveconf", default="doveconf", show_default=True, help="doveconf program.")
+@click.pass_context
+def doctor_dovecot(ctx: click.Context, config_file: str | None, doveconf: str) -> None:
+    """Check that Dovecot's POP3/IMAP logins run relaygate's post-login hook.
+
+    Reads the services with doveconf and reports, for each protocol Dovecot
+    serves: a missing or foreign post-login service; a hook program the
+    service's user cannot execute (a virtualenv under /root: Dovecot then
+    refuses every login); a store (--store, --data-dir or --config on the
+    hook's command line) that user cannot write. The last two are tested as
+    that user, so run it as root. Exit 0 when all is well, 1 when there is a
+    problem, 111 when doveconf cannot be run.
+    """
+    from relaygate.integrations.dovecot_doctor import DoctorError, diagnose
+
+    try:
+        report = diagnose(config_file=config_file, doveconf=doveconf)
+    except DoctorError as exc:
+        click.echo(f"relaygate doctor dovecot: {exc}", err=True)
+        ctx.exit(EXIT_TEMPFAIL)
+        return
+    where = config_file or "Dovecot's default configuration"
+    click.echo(f"Dovecot {report.version}, {where}")
+    click.echo(f"  protocols = {' '.join(report.protocols)}")
+    for name, svc in report.hooks.items():
+        click.echo(f"  service {name}: executable = {svc.get('executable', '')}; "
+                   f"user = {svc.get('user', '')}; extra_groups = {svc.get('extra_groups', '')}")
+    for f in report.findings:
+        click.echo(f"{f.level}: {f.message}")
+    if report.problems:
+        click.echo(f"{len(report.problems)} problem(s); see docs/postfix-dovecot.md", err=True)
+        ctx.exit(1)
+    click.echo("Dovecot's logins open relay windows")
 
 
 @doctor.command("exim")

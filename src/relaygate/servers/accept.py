@@ -7,8 +7,9 @@ POP3S, IMAP, IMAPS, the policy service) is a :class:`Listener`: it owns its
 bound sockets and accepts on them itself, so that something can happen between
 ``accept`` and the first byte the protocol (or the TLS layer) reads. For each
 connection it works out the :class:`Peer` once, then hands the socket to
-``loop.connect_accepted_socket`` with the service's protocol factory (and the
-TLS context on implicit-TLS ports).
+``loop.connect_accepted_socket`` with the service's protocol factory; on
+implicit-TLS ports behind :func:`relaygate.servers.base.tls_acceptor`, which waits
+for the client's first TLS record before any TLS state is made.
 
 The PROXY protocol (:mod:`relaygate.protocols.proxy`) is that "something",
 configured like Exim's ``hosts_proxy`` (``trusted_proxies``):
@@ -60,13 +61,15 @@ from relaygate.protocols.proxy import (
     ProxyHeaderError,
     header_part,
 )
-from relaygate.servers.base import LISTEN_BACKLOG
+from relaygate.servers.base import LISTEN_BACKLOG, tls_acceptor
 
 log = logging.getLogger("relaygate.accept")
 
 #: default seconds a trusted proxy has to send its header (Exim's proxy_protocol_timeout
 #: is 3 s; HAProxy sends the header with its connect, so a few seconds is generous)
 DEFAULT_PROXY_TIMEOUT = 5.0
+#: seconds an implicit-TLS handshake may take when the listener gives no timeout
+TLS_HANDSHAKE_TIMEOUT = 30.0
 #: seconds a listener pauses after running out of descriptors (asyncio's own value)
 ACCEPT_RETRY_DELAY = 1.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -248,20 +251,26 @@ class Listener:
                 conn.close()
                 return
             made = peer
-            await self._loop.connect_accepted_socket(
-                lambda: self.factory(made), conn, ssl=self.ssl_context,
-                ssl_handshake_timeout=self.ssl_handshake_timeout)
+
+            def factory() -> asyncio.BaseProtocol:
+                return self.factory(made)
+
+            if self.ssl_context is not None:
+                # implicit TLS without asyncio's 256 KiB per connection (see servers.base)
+                tls = tls_acceptor(factory, self.ssl_context, self.service,
+                                   self.ssl_handshake_timeout or TLS_HANDSHAKE_TIMEOUT,
+                                   peer=made.shown)
+                await self._loop.connect_accepted_socket(tls, conn)
+            else:
+                await self._loop.connect_accepted_socket(factory, conn)
         except asyncio.CancelledError:
             conn.close()
             raise
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            # A client that went away or failed its TLS handshake: one line, no traceback.
+            # A client that went away at once: nothing to tell anyone. (TLS handshake
+            # failures are TlsAcceptor's to log: one info line each.)
             who = peer.shown if peer is not None else "?"
-            if self.ssl_context is not None:
-                log.info("%s: TLS handshake failed with %s: %s", self.service, who,
-                         exc.__class__.__name__ if not str(exc) else exc)
-            else:
-                log.debug("%s: connection from %s failed: %r", self.service, who, exc)
+            log.debug("%s: connection from %s failed: %r", self.service, who, exc)
             conn.close()
         except Exception:
             log.exception("%s: connection setup failed", self.service)

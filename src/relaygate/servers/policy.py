@@ -93,6 +93,7 @@ from relaygate.protocols.policy import (
     format_answer,
     triage,
 )
+from relaygate.relaystats import count_relayed
 from relaygate.servers.accept import Listener, Peer, ProxyPolicy, listen_tcp_or_unix
 from relaygate.servers.base import Context, Listen, parse_listen
 from relaygate.stores.base import GrantStore
@@ -254,6 +255,7 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         self._send(format_answer(action))
         verdict = decision.verdict
         if verdict is Verdict.ALLOW:
+            count_relayed(self.service.ctx, decision.kind, decision.user, ip)
             if _EVENTS.isEnabledFor(logging.INFO):
                 event("relay.decision", service="policy", ip=ip, action=action,
                       reason=decision.reason, user=decision.user)

@@ -91,6 +91,8 @@ READ_SIZE = 4096
 SEND_CHUNK = 256 * 1024
 #: seconds a TLS handshake (implicit or STLS) may take
 TLS_HANDSHAKE_TIMEOUT = 30.0
+#: asyncio.start_server's default line limit of the stream reader
+STREAM_LIMIT = 2**16
 
 
 @dataclass(eq=False)
@@ -212,7 +214,7 @@ class Pop3Service:
             self._accept(reader, writer, listen, implicit, peer)
 
         return await listen_tcp_or_unix(
-            listen.host, listen.port, listen.path, stream_factory(handler),
+            listen.host, listen.port, listen.path, stream_factory(handler, limit=STREAM_LIMIT),
             service="pop3s" if implicit else "pop3", proxies=self.proxies,
             ssl_context=self.ssl_context if implicit else None,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)

@@ -31,10 +31,11 @@ def redact_url(url: str) -> str:
     return re.sub(r"([?&][^=&#]*password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
-def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
+def open_store(url: str, *, expiry: float = 900.0, warn: bool = True) -> GrantStore:
     """Open the store named by ``url``; ``expiry`` is the default window length.
 
     Raises ConfigError for a URL that names no store (the message shows the URL).
+    ``warn=False`` skips the spool's world-writable warning (per-login programs).
     """
     scheme, rest = check_url(url)
     if scheme == "memory":
@@ -44,7 +45,7 @@ def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
     if scheme == "spool":
         from relaygate.stores.spool import SpoolStore
 
-        return SpoolStore(_path_of(url, rest), expiry=expiry)
+        return SpoolStore(_path_of(url, rest), expiry=expiry, warn=warn)
     if scheme == "sqlite":
         from relaygate.stores.sqlite import SqliteStore
 

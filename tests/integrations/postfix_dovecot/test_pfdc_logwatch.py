@@ -7,6 +7,7 @@ daemon's lines opens nothing) and writes windows into the store policyd reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -157,5 +158,131 @@ def test_dovecot_log_rotation(stack: Stack, dovecot_plain: testbed.DovecotTestbe
         time.sleep(0.05)
     testbed.pop3_login("127.0.0.14", "127.0.0.1", dovecot_plain.pop3_port, "alice",
                        USERS["alice"])
-    wait_window(stack, "127.0.0.14", watcher)
+    # The watcher's own record of the window: on a loaded machine one `relaygate list`
+    # can take longer than the 2 s window lives.
+    deadline = time.monotonic() + 10
+    while "window.opened ip=127.0.0.14 " not in watcher.text():
+        assert time.monotonic() < deadline, watcher.text()
+        time.sleep(0.05)
     assert "rotated" in watcher.text()
+
+
+def test_open_imap_session_keeps_the_window_until_logout(
+        stack: Stack, dovecot_plain: testbed.DovecotTestbed, watcher: Watcher) -> None:
+    # An IMAP client that stays connected (as mail clients do for hours): the window
+    # outlives the expiry while Dovecot has not logged the logout, then expires normally.
+    client = testbed._SourceIMAP("127.0.0.15", "127.0.0.1", dovecot_plain.imap_port)
+    try:
+        client.login("alice", USERS["alice"])
+        client.select("INBOX")
+        wait_window(stack, "127.0.0.15", watcher)
+        deadline = time.monotonic() + 3 * EXPIRY
+        while time.monotonic() < deadline:
+            assert relay(stack, "127.0.0.15") == 250, watcher.text()
+            time.sleep(EXPIRY / 4)
+            client.noop()
+        client.logout()
+    finally:
+        with contextlib.suppress(OSError):
+            client.shutdown()
+    deadline = time.monotonic() + 10
+    while "imap(alice)" not in dovecot_plain.log_tail(50):
+        assert time.monotonic() < deadline, "Dovecot did not log the logout"
+        time.sleep(0.05)
+    wait_expired(stack, "127.0.0.15")
+    assert relay(stack, "127.0.0.15") == 554
+
+
+# -- the watcher with a fake clock (no servers) ----------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_watcher_keeps_session_windows_open_with_a_fake_clock(tmp_path: Path) -> None:
+    from relaygate.control import RelayControl
+    from relaygate.integrations.logwatch import LogWatcher, window_opener
+    from relaygate.protocols.loglines import LoginMatcher
+    from relaygate.stores import open_store
+
+    expiry = 900.0
+    clock = Clock()
+    control = RelayControl(open_store("memory:", expiry=expiry), expiry=expiry)
+    log = tmp_path / "mail.log"
+    log.write_text("Jan  1 00:00:01 mx imapd: LOGIN, user=a, ip=[::ffff:192.0.2.1], "
+                   "port=[1], protocol=IMAP\n"
+                   "Jan  1 00:00:01 mx pop3d: LOGIN, user=b, ip=[192.0.2.2], port=[2]\n")
+    w = LogWatcher([str(log)], LoginMatcher(), window_opener(control, clock=clock),
+                   from_start=True, refresh_every=expiry / 2, max_session=12 * 3600,
+                   clock=clock)
+
+    def allowed(ip: str) -> bool:
+        return control.decide(ip, now=clock.t).allowed
+
+    w.poll_once()
+    assert allowed("192.0.2.1") and allowed("192.0.2.2")
+    # Two hours pass with the IMAP session open; b logged out right after its login.
+    with log.open("a") as f:
+        f.write("Jan  1 00:00:02 mx pop3d: LOGOUT, user=b, ip=[192.0.2.2], top=0, retr=0\n")
+    for _ in range(2 * 3600 // 60):
+        clock.t += 60
+        w.poll_once()
+        assert allowed("192.0.2.1")
+    assert not allowed("192.0.2.2")
+    # The logout: the window lasts the expiry after it, then closes.
+    with log.open("a") as f:
+        f.write("Jan  1 02:00:02 mx imapd: LOGOUT, user=a, ip=[::ffff:192.0.2.1], headers=0, "
+                "body=0, rcvd=1, sent=2, time=7200\n")
+    w.poll_once()
+    clock.t += expiry - 1
+    w.poll_once()
+    assert allowed("192.0.2.1")
+    clock.t += 2
+    w.poll_once()
+    assert not allowed("192.0.2.1")
+    for f_ in w.followers:
+        f_.close()
+
+
+def test_watcher_stops_counting_a_session_never_logged_out(tmp_path: Path) -> None:
+    from relaygate.control import RelayControl
+    from relaygate.integrations.logwatch import LogWatcher, window_opener
+    from relaygate.protocols.loglines import LoginMatcher
+    from relaygate.stores import open_store
+
+    clock = Clock()
+    control = RelayControl(open_store("memory:", expiry=900), expiry=900)
+    log = tmp_path / "mail.log"
+    log.write_text("Jan  1 00:00:01 mx imapd[7]: Login user=a host=h [192.0.2.3]\n")
+    w = LogWatcher([str(log)], LoginMatcher(), window_opener(control, clock=clock),
+                   from_start=True, refresh_every=450, max_session=3600, clock=clock)
+    w.poll_once()
+    while clock.t < 1_000_000 + 3600 - 60:
+        clock.t += 60
+        w.poll_once()
+        assert control.decide("192.0.2.3", now=clock.t).allowed
+    clock.t += 60 + 900
+    w.poll_once()
+    assert not control.decide("192.0.2.3", now=clock.t).allowed
+    for f_ in w.followers:
+        f_.close()
+
+
+def test_once_reads_a_big_file_to_its_end(tmp_path: Path) -> None:
+    # --once must read the whole file, not one poll's worth (READ_CHUNK bytes).
+    from relaygate.integrations.logwatch import READ_CHUNK
+
+    log = tmp_path / "mail.log"
+    filler = b"Dec  1 00:00:00 mx postfix/qmgr[1]: 0123456789: removed\n"
+    with log.open("wb") as f:
+        f.write(filler * (3 * READ_CHUNK // len(filler) + 1))
+        f.write(b"Dec  1 00:00:01 mx imapd[7]: Login user=a host=h [192.0.2.77]\n")
+    out = subprocess.run([RELAYGATE, "--store", "memory:", "watch-log", "--once",
+                          "--dry-run", str(log)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "192.0.2.77 user=a service=imap pattern=uw\n"
