@@ -72,7 +72,7 @@ def reset_peak(pid: int) -> bool:
 
 def make_users(data_dir: Path, count: int) -> None:
     from relaygate.config import AuthSettings
-    from relaygate.mail.users import UserDB
+    from relaygate.mail.accounts.db import UserDB
 
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = UserDB(data_dir / "users.db", AuthSettings(), data_dir, default_domain=DOMAIN)

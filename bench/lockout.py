@@ -43,7 +43,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 
 from relaygate.config import AuthSettings
-from relaygate.mail.users import UserDB, production_hasher
+from relaygate.mail.accounts.db import UserDB
+from relaygate.mail.accounts.hashes import production_hasher
 
 #: the default throttle: the most checks a key may get in one window
 BUDGET = AuthSettings().throttle_failures

@@ -51,7 +51,8 @@ from typing import BinaryIO
 from argon2 import PasswordHasher
 
 from relaygate.config import AuthSettings
-from relaygate.mail.users import UserDB, hasher_description, production_hasher
+from relaygate.mail.accounts.db import UserDB
+from relaygate.mail.accounts.hashes import hasher_description, production_hasher
 
 ROOT = Path(__file__).resolve().parent.parent
 #: tiny argon2id parameters: what remains is the cost of everything but the hash
@@ -170,9 +171,9 @@ class Server:
 def serve(proto_name: str, data: Path, port: int) -> None:
     """--serve: the service with the tiny hasher (the CLI always uses production)."""
     from relaygate.config import load_settings
+    from relaygate.context import Context
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
 
     settings = load_settings(cli={"data_dir": str(data), f"{proto_name}.listen": [
         f"127.0.0.1:{port}"], "log_level": "warning"},
@@ -180,7 +181,7 @@ def serve(proto_name: str, data: Path, port: int) -> None:
     if proto_name == "pop3":
         from relaygate.servers.pop3 import make_service
     elif proto_name == "imap":
-        from relaygate.servers.imap import make_service  # type: ignore[assignment]
+        from relaygate.servers.imap.service import make_service  # type: ignore[assignment]
     else:
         raise SystemExit(f"--serve {proto_name}: not known")
     db = UserDB(data / "users.db", settings.auth, data, hasher=cheap_hasher(),

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relaygate.config import QueueSettings, Settings
+from relaygate.context import Context
 from relaygate.control import RelayControl
-from relaygate.mail.delivery import DeliveryWorker
-from relaygate.mail.queue import Queue, make_worker
-from relaygate.mail.routes import StaticResolver
+from relaygate.mail.delivery.routes import StaticResolver
+from relaygate.mail.delivery.worker import DeliveryWorker, make_worker
+from relaygate.mail.queue import Queue
 from relaygate.metrics import Metrics
-from relaygate.servers.base import Context
 from relaygate.stores.memory import MemoryStore
 
 SMTP_SINK = "/usr/sbin/smtp-sink"

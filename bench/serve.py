@@ -75,7 +75,8 @@ def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
 def make_users(data_dir: Path, count: int) -> None:
     """``count`` users user0..userN with one production-cost argon2id hash (computed once)."""
     from relaygate.config import AuthSettings
-    from relaygate.mail.users import UserDB, production_hasher
+    from relaygate.mail.accounts.db import UserDB
+    from relaygate.mail.accounts.hashes import production_hasher
 
     stored = production_hasher().hash(PASSWORD)  # the cost serve pays for every login
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -364,7 +365,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    from relaygate.mail.users import hasher_description, production_hasher
+    from relaygate.mail.accounts.hashes import hasher_description, production_hasher
 
     hashes = hasher_description(production_hasher())
     lost = max(0, so.ok - stored)

@@ -153,7 +153,7 @@ def setup_relaygate(work: Path) -> tuple[Path, Path]:
     """A data directory with one user, a config raising the per-address limit, a rules file."""
     sys.path.insert(0, str(ROOT / "src"))
     from relaygate.config import Settings
-    from relaygate.mail.users import open_directory
+    from relaygate.mail.accounts.db import open_directory
 
     data = work / "data"
     data.mkdir()

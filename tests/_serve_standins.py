@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Settings
+from relaygate.context import Context
 from relaygate.mail.directory import StaticDirectory
-from relaygate.servers.base import Context
 
 
 class LineService:
@@ -91,8 +91,7 @@ class LineService:
 
 def line_factory(host: str, port: int, name: str = "line") -> Any:
     def make(ctx: Context) -> list[LineService]:
-        svc = LineService(name, host, port, ctx.extra.get("ssl_context"))
-        ctx.extra.setdefault("standins", []).append(svc)
+        svc = LineService(name, host, port, ctx.ssl_context)
         return [svc]
     return make
 

@@ -99,9 +99,10 @@ def test_report_command_text_and_json(tmp_path: Path) -> None:
 
 
 def test_count_relayed_never_invents_a_data_directory(tmp_path: Path) -> None:
-    ctx = SimpleNamespace(settings=SimpleNamespace(data_dir=tmp_path / "missing"), extra={})
+    ctx = SimpleNamespace(settings=SimpleNamespace(data_dir=tmp_path / "missing"),
+                          relay_stats=None)
     count_relayed(ctx, "grant", "alice", "192.0.2.1")
-    assert ctx.extra["relay_stats"] is False
+    assert ctx.relay_stats is False
     assert not (tmp_path / "missing").exists()
 
 

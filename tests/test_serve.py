@@ -284,7 +284,7 @@ async def test_sighup_reload_rules_tls_users_and_services(tmp_path: Path) -> Non
     try:
         await _started(server, task)
         assert server.ctx is not None
-        assert server.ctx.extra["ssl_context"] is server.ssl_context
+        assert server.ctx.ssl_context is server.ssl_context
         client1 = ssl.create_default_context()
         ca1.configure_trust(client1)
         assert await _talk(port, b"PING", ssl_ctx=client1) == b"PONG"

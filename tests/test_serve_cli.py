@@ -216,7 +216,7 @@ def _dead_pid() -> int:
 
 def test_deploy_examples_load_and_their_listeners_parse() -> None:
     from relaygate.rules import RuleSet
-    from relaygate.servers.base import parse_listen
+    from relaygate.servers.listeners import parse_listen
     from relaygate.servers.serve import listener_settings
 
     examples = sorted((ROOT / "deploy" / "examples").glob("*.toml"))

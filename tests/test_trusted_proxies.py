@@ -99,9 +99,9 @@ def test_dovecot_hook_refuses_a_trusted_proxys_address(tmp_path: Path) -> None:
 
 def _context(tmp_path: Path) -> object:
     from relaygate.config import Settings
+    from relaygate.context import Context
     from relaygate.mail.directory import StaticDirectory
     from relaygate.metrics import Metrics
-    from relaygate.servers.base import Context
 
     return Context(Settings(data_dir=tmp_path), RelayControl(MemoryStore()), Metrics(),
                    StaticDirectory())
@@ -109,11 +109,12 @@ def _context(tmp_path: Path) -> object:
 
 def test_pop3_plaintext_on_a_loopback_listener_is_not_for_forwarded_clients(
         tmp_path: Path) -> None:
-    from relaygate.servers.base import Listen
+    from relaygate.servers.listeners import Listen, Listener
     from relaygate.servers.pop3 import Pop3Service
 
     svc = Pop3Service(_context(tmp_path))
-    loop_listener = Listen("127.0.0.1", 110)
+    loop_listener = Listener("pop3", Listen("127.0.0.1", 110))
+    loop_listener.loopback = True  # as bind() finds it
     assert svc._config(loop_listener, "198.51.100.7", False).plaintext_without_tls
     assert not svc._config(loop_listener, "198.51.100.7", False,
                            proxied=True).plaintext_without_tls
@@ -123,7 +124,7 @@ def test_pop3_plaintext_on_a_loopback_listener_is_not_for_forwarded_clients(
 async def test_smtp_forwarded_clients_get_their_own_auth_rule_and_local_relays_nothing(
         tmp_path: Path) -> None:
     from relaygate.servers.accept import Peer
-    from relaygate.servers.smtp import ListenerInfo, make_services
+    from relaygate.servers.smtp.service import ListenerInfo, make_services
 
     (svc, *_) = make_services(_context(tmp_path))
     info = ListenerInfo("smtp", plaintext_auth=True)  # a loopback listener's

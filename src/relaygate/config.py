@@ -265,7 +265,7 @@ _POSITIVE = {
 }
 #: lower bounds above zero, with why
 _MINIMUM: dict[str, int] = {
-    # one message may hold this much on its way to disk (servers/smtp_data.MESSAGE_BUFFER)
+    # one message may hold this much on its way to disk (servers/smtp/data.MESSAGE_BUFFER)
     "smtp.data_memory_limit": 1024 * 1024,
     # 0 turns sessions off; a negative time means nothing
     "logwatch.max_session": 0,

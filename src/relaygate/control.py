@@ -133,10 +133,9 @@ class RelayControl:
         ttl: float | None = None,
     ) -> Grant:
         """Parse ``ip``, build a grant for ``ttl`` (default: the expiry) and store it."""
-        canonical = parse_ip(ip)
         t = time.time() if now is None else now
-        grant = Grant(canonical, user, domain, source, t, t + (ttl or self.expiry))
-        return self.allow(grant)
+        return self.allow(Grant.opening(parse_ip(ip), user, domain, source, t,
+                                        ttl or self.expiry))
 
     def revoke(self, ip: str) -> bool:
         return self.store.delete(parse_ip(ip))

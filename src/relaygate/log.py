@@ -31,11 +31,6 @@ def format_text(kind: str, fields: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-class _EventRecord(logging.LogRecord):
-    event_kind: str
-    event_fields: dict[str, Any]
-
-
 def event(kind: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event. Fields with value None are left out."""
     if not _LOGGER.isEnabledFor(level):
@@ -87,3 +82,16 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     # aiosmtpd's own logger warns about what clients send ("unrecognised: <their
     # bytes>", raw, to stderr); relaygate logs what matters about clients itself.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+def duration(seconds: float, *, minutes_in_hours: bool = False) -> str:
+    """A duration as people read it: ``45s``, ``12m``, ``5h`` (``5h07m`` with
+    ``minutes_in_hours``), ``3d``; the one formatter for logs, ``status`` and ``queue``."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m" if minutes_in_hours else f"{s // 3600}h"
+    return f"{s // 86400}d"

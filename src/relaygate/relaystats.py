@@ -12,9 +12,9 @@ messages each *basis* let through lately and when each was last used:
 - ``rule``: a static rule (the rules file, or ``RELAYCLIENT`` from tcprules).
 
 :func:`count_relayed` is the one place that counts: ``serve``'s SMTP handler
-calls it for each accepted relayed message, the policy service for each
-``OK`` answer (Postfix asks once per recipient, so there it counts relayed
-recipients). It only adds to a dictionary in memory under a lock, so it costs
+calls it for each accepted relayed message, the policy and socketmap services
+for each ``OK`` answer (the MTA asks once per recipient, so there it counts
+relayed recipients). It only adds to a dictionary in memory under a lock, so it costs
 the hot path about a microsecond; a daemon thread writes the sums every
 :data:`FLUSH_INTERVAL` seconds (and once more at exit) into
 ``<data-dir>/relaystats.db``::
@@ -45,7 +45,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relaygate.context import Context
 
 log = logging.getLogger("relaygate.relaystats")
 
@@ -90,23 +93,22 @@ def basis_of(kind: str, user: str | None) -> str | None:
     return None
 
 
-def count_relayed(ctx: Any, kind: str, user: str | None, ip: str | None,
+def count_relayed(ctx: Context, kind: str, user: str | None, ip: str | None,
                   n: int = 1) -> None:
     """Count ``n`` relayed messages (or policy OKs) of ``user`` from ``ip`` on ``kind``.
 
     ``ctx`` is the servers' Context: its data directory names the file, and
-    the counter lives in ``ctx.extra`` (one per running process and data
+    the counter lives in ``ctx.relay_stats`` (one per running process and data
     directory). Never raises: counting must not affect relaying.
     """
     try:
         basis = basis_of(kind, user)
         if basis is None:
             return
-        extra = ctx.extra
-        stats = extra.get("relay_stats")
+        stats = ctx.relay_stats
         if stats is None:
-            stats = extra["relay_stats"] = RelayStats.for_data_dir(ctx.settings.data_dir)
-        if stats:
+            stats = ctx.relay_stats = RelayStats.for_data_dir(ctx.settings.data_dir)
+        if isinstance(stats, RelayStats):
             stats.add(user or f"[{ip or 'unknown'}]", basis, n)
     except Exception:  # pragma: no cover - a counter bug must never refuse mail
         log.exception("relay statistics: cannot count")

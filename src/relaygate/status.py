@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.grants import Grant
+from relaygate.log import duration
 from relaygate.stores import redact_url
 
 #: the status file ``serve`` refreshes in the data directory
@@ -191,14 +192,7 @@ def _count_queue_dir(queue_dir: Path, now: float) -> dict[str, Any]:
 
 
 def _ago(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d"
+    return duration(seconds, minutes_in_hours=True)
 
 
 def render_text(report: dict[str, Any], now: float) -> str:

@@ -20,11 +20,12 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 from relaygate.config import QueueSettings, Settings
+from relaygate.context import Context
 from relaygate.control import RelayControl
-from relaygate.mail.directory import Account, StaticDirectory
+from relaygate.interfaces import Account
+from relaygate.mail.directory import StaticDirectory
 from relaygate.mail.queue import Queue
 from relaygate.metrics import Metrics
-from relaygate.servers.base import Context
 from relaygate.stores.memory import MemoryStore
 
 

@@ -12,12 +12,12 @@ from typing import Any
 from argon2 import PasswordHasher
 
 from relaygate.config import AuthSettings, Pop3Settings, Settings, TlsSettings
+from relaygate.context import Context
 from relaygate.control import RelayControl
 from relaygate.errors import StoreError
 from relaygate.grants import Grant
-from relaygate.mail.users import UserDB
+from relaygate.mail.accounts.db import UserDB
 from relaygate.metrics import Metrics
-from relaygate.servers.base import Context
 from relaygate.servers.pop3 import Pop3Service, make_service
 from relaygate.stores.memory import MemoryStore
 

@@ -14,7 +14,7 @@ import trustme
 
 from relaygate.networks import Networks
 from relaygate.protocols.proxy import build_v1, build_v2
-from relaygate.servers.accept import Listener, Peer, ProxyPolicy, listen_tcp_or_unix
+from relaygate.servers.accept import Acceptor, Peer, ProxyPolicy, listen_tcp_or_unix
 
 PROXY = "127.0.0.9"
 CLIENT = "127.0.0.21"
@@ -49,7 +49,7 @@ async def seen() -> asyncio.Queue[tuple[Peer, bytes]]:
 
 
 async def _listener(seen: asyncio.Queue[tuple[Peer, bytes]], *, timeout: float = 2.0,
-                    ssl_context: ssl.SSLContext | None = None) -> Listener:
+                    ssl_context: ssl.SSLContext | None = None) -> Acceptor:
     return await listen_tcp_or_unix(
         "127.0.0.1", 0, None, lambda peer: Recorder(peer, seen), service="test",
         proxies=ProxyPolicy(Networks([f"{PROXY}/32"]), timeout), ssl_context=ssl_context,
@@ -57,7 +57,7 @@ async def _listener(seen: asyncio.Queue[tuple[Peer, bytes]], *, timeout: float =
 
 
 @pytest.fixture
-async def listener(seen: asyncio.Queue[tuple[Peer, bytes]]) -> AsyncIterator[Listener]:
+async def listener(seen: asyncio.Queue[tuple[Peer, bytes]]) -> AsyncIterator[Acceptor]:
     lst = await _listener(seen)
     yield lst
     lst.close()
@@ -73,14 +73,14 @@ async def _closed(r: asyncio.StreamReader, timeout: float) -> bool:
         return True
 
 
-async def _connect(lst: Listener, source: str, **kw: object) \
+async def _connect(lst: Acceptor, source: str, **kw: object) \
         -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     port = lst.sockets[0].getsockname()[1]
     return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0), **kw)
 
 
 async def test_trusted_proxy_v1_names_the_client_and_the_rest_is_untouched(
-        listener: Listener, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
+        listener: Acceptor, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
     r, w = await _connect(listener, PROXY)
     # header and the client's first line in one segment, as a proxy may send them
     w.write(build_v1(("192.0.2.7", 4000), ("127.0.0.1", 25)) + b"HELLO\n")
@@ -92,7 +92,7 @@ async def test_trusted_proxy_v1_names_the_client_and_the_rest_is_untouched(
 
 
 async def test_trusted_proxy_v2_ipv6_byte_by_byte(
-        listener: Listener, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
+        listener: Acceptor, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
     _r, w = await _connect(listener, PROXY)
     data = build_v2(("2001:db8::7", 4000), ("::1", 25)) + b"X\n"
     for i in range(len(data)):
@@ -105,7 +105,7 @@ async def test_trusted_proxy_v2_ipv6_byte_by_byte(
 
 
 async def test_v2_local_is_the_proxys_own_connection(
-        listener: Listener, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
+        listener: Acceptor, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
     _r, w = await _connect(listener, PROXY)
     w.write(build_v2(None, None, local=True) + b"ping\n")
     peer, _line = await asyncio.wait_for(seen.get(), 5)
@@ -114,7 +114,7 @@ async def test_v2_local_is_the_proxys_own_connection(
 
 
 async def test_untrusted_header_is_data_not_an_address(
-        listener: Listener, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
+        listener: Acceptor, seen: asyncio.Queue[tuple[Peer, bytes]]) -> None:
     _r, w = await _connect(listener, CLIENT)
     w.write(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 25\r\n")
     peer, line = await asyncio.wait_for(seen.get(), 5)
@@ -139,7 +139,7 @@ async def test_trusted_proxy_without_header_is_closed_after_the_timeout(
 
 
 async def test_trusted_proxy_with_a_bad_header_is_closed_at_once(
-        listener: Listener, seen: asyncio.Queue[tuple[Peer, bytes]],
+        listener: Acceptor, seen: asyncio.Queue[tuple[Peer, bytes]],
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     r, w = await _connect(listener, PROXY)
@@ -151,7 +151,7 @@ async def test_trusted_proxy_with_a_bad_header_is_closed_at_once(
 
 
 async def test_trusted_proxy_closing_mid_header(
-        listener: Listener, seen: asyncio.Queue[tuple[Peer, bytes]],
+        listener: Acceptor, seen: asyncio.Queue[tuple[Peer, bytes]],
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     r, w = await _connect(listener, PROXY)

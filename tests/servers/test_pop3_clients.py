@@ -22,8 +22,8 @@ from pop3_harness import CHEAP, POP3From, Pop3Harness, start_pop3
 
 from conftest import free_port, need_program, wait_port
 from relaygate.config import AuthSettings
+from relaygate.mail.accounts.db import UserDB
 from relaygate.mail.maildir import deliver
-from relaygate.mail.users import UserDB
 
 MSG1 = b"From: a@example.test\nSubject: one\n\n.dotted\nbody one\n"
 MSG2 = b"From: b@example.test\r\nSubject: two\r\n\r\nbody two\r\n"

@@ -33,9 +33,9 @@ from pop3_harness import (
 from conftest import have_ipv6_loopback
 from relaygate.config import AuthSettings
 from relaygate.errors import ConfigError
-from relaygate.mail.directory import LoginResult
+from relaygate.interfaces import LoginResult
 from relaygate.mail.maildir import deliver
-from relaygate.servers.base import Listen
+from relaygate.servers.listeners import Listen
 
 MSG1 = b"From: a@example.test\nSubject: one\n\nline 1\n.starts with a dot\nlast line\n"
 MSG2 = b"From: b@example.test\r\nSubject: two\r\n\r\nbody two\r\n"
@@ -500,7 +500,7 @@ async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
 
 async def test_connection_limit_counts_ipv6_per_network(pop: Pop3Harness) -> None:
     # Loopback has only ::1, so the key is checked directly: one /64, one count.
-    key = pop.service._limit_key
+    key = pop.service.limiter.key
     assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff::7") == "2001:db8:1:2::/64"
     assert key("2001:db8:1:3::1") != key("2001:db8:1:2::1")
     assert key("::ffff:192.0.2.1") == key("192.0.2.1") == "192.0.2.1"
@@ -523,27 +523,37 @@ async def test_stop_cuts_idle_sessions_and_deletes_nothing(tmp_path: Path) -> No
 
 
 def test_plaintext_policy_of_listeners(tmp_path: Path) -> None:
-    """No non-loopback traffic here: check the decision itself."""
+    """No non-loopback traffic here: check the decision itself (the listener's loopback
+    flag is what binding decides from the bound address, see servers/listeners.py)."""
     from relaygate.config import Settings
+    from relaygate.context import Context
     from relaygate.control import RelayControl
     from relaygate.mail.directory import StaticDirectory
     from relaygate.metrics import Metrics
-    from relaygate.servers.base import Context
+    from relaygate.servers.listeners import Listener, loopback_sockname
     from relaygate.servers.pop3 import Pop3Service
     from relaygate.stores.memory import MemoryStore
 
-    def cfg(allow: bool, listen: Listen, ip: str) -> bool:
+    def bound(listen: Listen, sockname: object) -> Listener:
+        listener = Listener("pop3", listen)
+        listener.loopback = loopback_sockname(sockname)
+        return listener
+
+    def cfg(allow: bool, listener: Listener, ip: str | None) -> bool:
         s = Settings(data_dir=tmp_path, auth=AuthSettings(allow_plaintext=allow))
         svc = Pop3Service(Context(s, RelayControl(MemoryStore()), Metrics(),
                                   StaticDirectory()))
-        return svc._config(listen, ip, False).plaintext_without_tls
+        return svc._config(listener, ip, False).plaintext_without_tls
 
-    public = Listen("192.0.2.1", 110)
+    public = bound(Listen("192.0.2.1", 110), ("192.0.2.1", 110))
     assert not cfg(False, public, "198.51.100.7")
     assert cfg(True, public, "198.51.100.7")
     assert cfg(False, public, "127.0.0.1")  # a loopback client never crosses a network
-    assert cfg(False, Listen("127.0.0.1", 110), "127.0.0.5")
-    assert cfg(False, Listen(None, None, "/run/pop3.sock"), "")
+    assert cfg(False, bound(Listen("127.0.0.1", 110), ("127.0.0.1", 110)), "127.0.0.5")
+    assert cfg(False, bound(Listen(None, None, "/run/pop3.sock"), "/run/pop3.sock"), None)
+    # a host *name* that looks like a loopback address is judged by what it bound
+    assert not cfg(False, bound(Listen("127.0.0.1.nip.io", 110), ("192.0.2.1", 110)),
+                   "198.51.100.7")
 
 
 # -- TLS ---------------------------------------------------------------------
@@ -676,11 +686,13 @@ async def test_bad_certificate_is_a_configuration_error(tmp_path: Path) -> None:
     bad.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="cannot load the TLS certificate") as info:
         await start_pop3(tmp_path, tls=(bad, bad))
-    assert info.value.source == str(bad)
+    assert info.value.source == "tls.cert" and info.value.value == str(bad)
 
 
 async def test_reload_swaps_the_certificate_and_keeps_it_on_error(tmp_path: Path) -> None:
-    # pop3d reloads its own certificate on SIGHUP (under serve the context is shared).
+    # pop3d's SIGHUP reloads the context every listener shares (servers/listeners.py).
+    from relaygate.servers.listeners import reload_certificate
+
     old_ca, new_ca = trustme.CA(), trustme.CA()
     cert, key = tls_files(old_ca, tmp_path)
     h = await start_pop3(tmp_path, tls=(cert, key))
@@ -697,12 +709,14 @@ async def test_reload_swaps_the_certificate_and_keeps_it_on_error(tmp_path: Path
         new_cert, new_key = tls_files(new_ca, fresh)
         cert.write_bytes(new_cert.read_bytes())
         key.write_bytes(new_key.read_bytes())
-        h.service.reload()
+        assert h.service.ctx.ssl_context is h.service.ssl_context is not None
+        assert reload_certificate(h.service.ssl_context, h.service.settings)
         await asyncio.to_thread(handshake, new_ca)
         with pytest.raises(ssl.SSLCertVerificationError):
             await asyncio.to_thread(handshake, old_ca)
         cert.write_text("garbage\n")
-        h.service.reload()  # logged, the current certificate stays
+        # logged, the current certificate stays
+        assert not reload_certificate(h.service.ssl_context, h.service.settings)
         await asyncio.to_thread(handshake, new_ca)
     finally:
         await h.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relaygate.servers.base import stream_factory, tls_acceptor
+from relaygate.servers.listeners import stream_factory, tls_acceptor
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ from typing import Any
 import pytest
 
 from conftest import need_program
+from relaygate.addresses import require_canonical
+from relaygate.grants import Grant
 from relaygate.stores import open_store
 from relaygate.stores.base import GrantStore
 from relaygate.stores.memory import MemoryStore
 from relaygate.stores.redis import RedisStore
 from relaygate.stores.spool import SpoolStore
-from relaygate.stores.sqlite import SqliteStore
+from relaygate.stores.sqlite import SqliteReader, SqliteStore
 
 from .redis_servers import (
     Cluster,
@@ -39,7 +42,10 @@ from .redis_servers import (
 #: stores mtime = expires_at - expiry) reads opened_at back exactly.
 EXPIRY = 900.0
 
-BACKENDS = ("memory", "spool", "sqlite", "redis", "redis-sentinel", "redis-cluster", "valkey")
+#: "sqlite-reader": an SQLite store whose lookups go through SqliteReader (the policy
+#: service's event-loop path), so the reader meets the same contract
+BACKENDS = ("memory", "spool", "sqlite", "sqlite-reader", "redis", "redis-sentinel",
+            "redis-cluster", "valkey")
 
 _prefixes = itertools.count()
 
@@ -60,6 +66,8 @@ def make_store(
             store = SpoolStore(spool, expiry=EXPIRY, **kw)
         elif kind == "sqlite":
             store = SqliteStore(tmp_path / f"db{len(made)}" / "grants.db", **kw)
+        elif kind == "sqlite-reader":
+            store = ReaderBacked(SqliteStore(tmp_path / f"db{len(made)}" / "grants.db", **kw))
         elif kind == "redis":
             server = request.getfixturevalue("redis_server")
             prefix = f"test{os.getpid()}:{next(_prefixes)}:"
@@ -126,3 +134,45 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Single]:
     server = start_server(valkey_program(), tmp_path_factory.mktemp("valkey"))
     yield _Single(server)
     server.stop()
+
+
+class ReaderBacked:
+    """Writes through the store, reads through a SqliteReader of the same file (one per
+    thread: a reader serves one thread, as the policy service's serves its event loop)."""
+
+    kind = "sqlite"
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        store.list(0.0)  # the store creates the database (WAL) on first use
+        self.local = threading.local()
+        self.readers: list[SqliteReader] = []
+
+    def get(self, ip: str, now: float) -> Grant | None:
+        require_canonical(ip)  # the reader takes canonical addresses only; say so here
+        reader = getattr(self.local, "reader", None)
+        if reader is None:
+            reader = self.local.reader = SqliteReader(self.store.path, busy_timeout=0.02)
+            self.readers.append(reader)
+        got: Grant | None = reader.get(ip, now)
+        return got
+
+    def put(self, grant: Grant) -> None:
+        self.store.put(grant)
+
+    def delete(self, ip: str) -> bool:
+        return self.store.delete(ip)
+
+    def delete_user(self, user: str) -> int:
+        return self.store.delete_user(user)
+
+    def age(self, now: float) -> int:
+        return self.store.age(now)
+
+    def list(self, now: float) -> list[Grant]:
+        return self.store.list(now)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.store.close()

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -184,3 +185,45 @@ def test_open_store_url(tmp_path: Path) -> None:
     store.put(g("2001:db8::1"))
     assert os.path.exists(tmp_path / "x" / "grants.db")
     store.close()
+
+
+# -- SqliteReader: the non-blocking lookups of the policy service ----------------------
+
+
+def test_reader_refuses_what_it_must_not_read_or_create(tmp_path: Path) -> None:
+    from relaygate.stores.sqlite import SqliteReader
+
+    missing = SqliteReader(tmp_path / "none.db", busy_timeout=0.02)
+    with pytest.raises(StoreError):
+        missing.get("192.0.2.1", time.time())
+    assert not (tmp_path / "none.db").exists()  # never created
+    plain = tmp_path / "plain.db"
+    sqlite3.connect(plain).execute("CREATE TABLE grants (ip TEXT)").connection.commit()
+    with pytest.raises(StoreError, match="WAL"):
+        SqliteReader(plain, busy_timeout=0.02).get("192.0.2.1", time.time())
+
+
+def test_reader_batches_share_one_transaction_and_see_changes_after_it(
+        tmp_path: Path) -> None:
+    from relaygate.grants import Grant
+    from relaygate.stores.sqlite import SqliteReader
+
+    store = SqliteStore(tmp_path / "grants.db")
+    now = time.time()
+    store.put(Grant.opening("192.0.2.1", "alice", None, "pop3", now, 600))
+    pending: list[Callable[[], None]] = []
+    reader = SqliteReader(store.path, busy_timeout=0.02, end_soon=pending.append)
+    try:
+        assert reader.get("192.0.2.1", now) is not None
+        assert len(pending) == 1 and reader.conn is not None and reader.conn.in_transaction
+        store.delete("192.0.2.1")
+        assert reader.get("192.0.2.1", now) is not None  # same snapshot within the batch
+        assert len(pending) == 1  # one end per batch
+        pending.pop()()
+        assert reader.get("192.0.2.1", now) is None  # the next batch sees the revocation
+        with pytest.raises(sqlite3.OperationalError):
+            assert reader.conn is not None
+            reader.conn.execute("DELETE FROM grants")  # query_only: it never writes
+    finally:
+        reader.close()
+        store.close()

@@ -58,7 +58,7 @@ def check(ctx: click.Context, ip: str, as_json: bool) -> None:
     """
     canonical = _ip(ip)
     control = _control(ctx)
-    decision = control.decide(canonical)
+    decision = control.decide_canonical(canonical)
     if as_json:
         click.echo(json.dumps({"ip": canonical, **decision.as_dict()}))
     else:

@@ -58,6 +58,6 @@ def imapd(ctx: click.Context, /, **opts: Any) -> None:
 
 async def _main(settings: Any) -> int:
     from relaygate.commands._single import run_login_service
-    from relaygate.servers.imap import make_service
+    from relaygate.servers.imap.service import make_service
 
     return await run_login_service("imapd", settings, make_service)

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -60,7 +60,8 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
       smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated,
           check_policy_service inet:127.0.0.1:10040, reject_unauth_destination
 
-    Stops on SIGTERM/SIGINT (UNIX sockets are removed). Exit 111 when a
+    Stops on SIGTERM/SIGINT (UNIX sockets are removed; answers in flight get
+    shutdown_grace seconds), re-reads the rules on SIGHUP. Exit 111 when a
     listener cannot be bound or the store cannot be opened.
     """
     settings = settings_from(ctx, **{
@@ -74,22 +75,22 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
     if not settings.policy.listen:
         settings = settings.replace(
             policy=dataclasses.replace(settings.policy, listen=("127.0.0.1:10040",)))
+    from relaygate.commands._single import run_services
+    from relaygate.context import Context
     from relaygate.log import setup_logging
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
     from relaygate.servers.policy import make_service
 
     setup_logging(settings.log_format, settings.log_level)
     control = build_control(settings)
-    service = make_service(Context(settings, control, Metrics()))
+    context = Context(settings, control, Metrics())
     try:
-        asyncio.run(_run_until_signal(service))
-    except OSError as exc:
-        click.echo(f"relaygate policyd: cannot listen: {exc}", err=True)
-        ctx.exit(EXIT_TEMPFAIL)
+        rc = asyncio.run(run_services("policyd", context, [make_service(context)],
+                                      announce=lambda lines: None))
     finally:
         control.store.close()
+    ctx.exit(rc)
 
 
 @click.command()
@@ -124,7 +125,8 @@ def socketmap(ctx: click.Context, listen: tuple[str, ...], value: str | None,
           check_client_access socketmap:inet:127.0.0.1:10041:relaygate,
           reject_unauth_destination
 
-    Stops on SIGTERM/SIGINT (UNIX sockets are removed). Exit 111 when a
+    Stops on SIGTERM/SIGINT (UNIX sockets are removed; lookups in flight get
+    shutdown_grace seconds), re-reads the rules on SIGHUP. Exit 111 when a
     listener cannot be bound or the store cannot be opened.
     """
     settings = settings_from(ctx, **{
@@ -138,39 +140,28 @@ def socketmap(ctx: click.Context, listen: tuple[str, ...], value: str | None,
     if not settings.socketmap.listen:
         settings = settings.replace(
             socketmap=dataclasses.replace(settings.socketmap, listen=("127.0.0.1:10041",)))
+    from relaygate.commands._single import run_services
+    from relaygate.context import Context
     from relaygate.errors import ConfigError
     from relaygate.log import setup_logging
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
     from relaygate.servers.socketmap import make_service
 
     setup_logging(settings.log_format, settings.log_level)
     control = build_control(settings)
     try:
+        context = Context(settings, control, Metrics())
         try:
-            service = make_service(Context(settings, control, Metrics()))
+            service = make_service(context)
         except ConfigError as exc:
             click.echo(f"relaygate socketmap: configuration error: {exc}", err=True)
             ctx.exit(EXIT_TEMPFAIL)
-        asyncio.run(_run_until_signal(service))
-    except OSError as exc:
-        click.echo(f"relaygate socketmap: cannot listen: {exc}", err=True)
-        ctx.exit(EXIT_TEMPFAIL)
+        rc = asyncio.run(run_services("socketmap", context, [service],
+                                      announce=lambda lines: None))
     finally:
         control.store.close()
-
-
-async def _run_until_signal(service: Any) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    try:
-        await stop.wait()
-    finally:
-        await service.stop(5.0)
+    ctx.exit(rc)
 
 
 @click.command("dovecot-postlogin", context_settings={

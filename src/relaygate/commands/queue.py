@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import time
 from typing import Any
 
@@ -29,7 +28,8 @@ import click
 
 from relaygate.cli import settings_from
 from relaygate.config import Settings
-from relaygate.mail.dsn import original_headers
+from relaygate.log import duration
+from relaygate.mail.delivery.dsn import original_headers
 from relaygate.mail.queue import (
     ID_RE,
     CorruptEnvelope,
@@ -60,17 +60,6 @@ def _qid(value: str) -> str:
     if not ID_RE.fullmatch(v):
         raise click.BadParameter(f"not a queue id: {value!r} (24 hex digits, see `queue list`)")
     return v
-
-
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
 
 
 def _env_dict(env: Envelope, now: float, held: bool = False) -> dict[str, Any]:
@@ -156,13 +145,13 @@ def list_(ctx: click.Context, as_json: bool, quarantine: bool) -> None:
         first = pending[0].addr if pending else item.recipients[0].addr
         more = len(pending) - 1 if pending else len(item.recipients) - 1
         rcpts = first + (f" (+{more})" if more > 0 else "")
-        nxt = "now" if item.next_attempt <= now else f"in {_age(item.next_attempt - now)}"
+        nxt = "now" if item.next_attempt <= now else f"in {duration(item.next_attempt - now)}"
         if not pending:
             nxt = "bounce"
         if held:
             nxt = "held"
         err = " ".join((item.last_error or "-").split())
-        rows.append((item.id, item.sender or "<>", rcpts, _age(now - item.created),
+        rows.append((item.id, item.sender or "<>", rcpts, duration(now - item.created),
                      str(item.attempts), nxt, err))
     _table(rows)
     if len(rows) == 1:
@@ -187,7 +176,8 @@ def _list_quarantine(q: Queue, now: float, as_json: bool) -> None:
         return
     rows: list[tuple[str, ...]] = [("NAME", "KIND", "AGE", "SIZE", "REASON")]
     for i in items:
-        rows.append((i.name, i.kind, _age(now - i.when), str(i.size), " ".join(i.reason.split())))
+        rows.append((i.name, i.kind, duration(now - i.when), str(i.size),
+                     " ".join(i.reason.split())))
     _table(rows)
     if not items:
         click.echo("(quarantine is empty)", err=True)
@@ -235,7 +225,7 @@ def show(ctx: click.Context, queue_id: str, as_json: bool) -> None:
         return
     click.echo(f"id:           {env.id}")
     click.echo(f"sender:       <{env.sender}>")
-    click.echo(f"arrived:      {_fmt(env.created)} ({_age(now - env.created)} ago)")
+    click.echo(f"arrived:      {_fmt(env.created)} ({duration(now - env.created)} ago)")
     click.echo(f"size:         {env.size}")
     click.echo(f"attempts:     {env.attempts}")
     click.echo(f"next attempt: {_fmt(env.next_attempt)}")
@@ -418,44 +408,39 @@ def run(ctx: click.Context, once: bool, grace: float | None) -> None:
     Only one worker can run per queue directory: this fails with exit 111 while
     `relaygate serve` (or another `queue run`) is delivering from it.
     """
+    from relaygate.context import Context
     from relaygate.log import setup_logging
-    from relaygate.mail.queue import make_worker
+    from relaygate.mail.delivery.worker import make_worker
     from relaygate.metrics import Metrics
-    from relaygate.servers.base import Context
+    from relaygate.servers.runtime import Runtime
 
     settings = settings_from(ctx)
     setup_logging(settings.log_format, settings.log_level)
     q = Queue(settings.data_dir / "queue")
     context = Context(settings, _control(settings), Metrics(), _directory(settings), q)
     worker = make_worker(context)
-    wait = grace if grace is not None else float(getattr(settings, "shutdown_grace", 30.0))
+    wait = grace if grace is not None else float(settings.shutdown_grace)
 
     async def main() -> None:
-        from relaygate.mail.delivery import DeliveryWorker
-
-        assert isinstance(worker, DeliveryWorker)
         if once:
             n = await worker.run_once()
             log.info("queue run --once: worked on %d message(s)", n)
             return
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await worker.start()
+        runtime = Runtime("queue", context, [worker], grace=wait)
+        runtime.install_signals()
+        await runtime.start()
         log.info("queue worker running on %s", q.directory)
         try:
-            await stop.wait()
+            await runtime.wait()
         finally:
             log.info("queue worker stopping (grace %.0fs)", wait)
-            await worker.stop(wait)
+            await runtime.shutdown()
 
     try:
         asyncio.run(main())
     finally:
-        close = getattr(context.directory, "close", None)
-        if callable(close):
-            close()
+        if context.directory is not None:
+            context.directory.close()
 
 
 def _control(settings: Settings) -> Any:
@@ -471,6 +456,6 @@ def _directory(settings: Settings) -> Any:
     """The user directory when one exists (local bounces, postmaster), else None."""
     if not (settings.data_dir / "users.db").exists():
         return None
-    from relaygate.mail.users import open_directory
+    from relaygate.mail.accounts.db import open_directory
 
     return open_directory(settings)

@@ -2,8 +2,10 @@
 
 Listener mode runs the smtp, submission and (with a certificate) smtps
 listeners until SIGTERM/SIGINT, then lets transactions in flight finish for
-``shutdown_grace`` seconds. ``--stdio`` runs one session on descriptors 0/1
-for tcpserver, where qmail-smtpd would run::
+``shutdown_grace`` seconds; SIGHUP re-reads rcpthosts, the rules, the users and
+the TLS certificate (the lifecycle of :mod:`relaygate.servers.runtime`).
+``--stdio`` runs one session on descriptors 0/1 for tcpserver, where
+qmail-smtpd would run::
 
     tcpserver -x rules.cdb 0 25 relay-ctrl-check relaygate smtpd --stdio
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from typing import Any
 
 import click
@@ -104,7 +105,7 @@ def _open_parts(settings: Any) -> tuple[Any, Any]:
     log = logging.getLogger("relaygate.smtp")
     directory = queue = None
     try:
-        from relaygate.mail.users import open_directory
+        from relaygate.mail.accounts.db import open_directory
     except ImportError:
         log.warning("no user database module: local mailboxes and AUTH are unavailable")
     else:
@@ -119,9 +120,9 @@ def _open_parts(settings: Any) -> tuple[Any, Any]:
 
 
 def _context(settings: Any, *, control: Any = None) -> Any:
+    from relaygate.context import Context
     from relaygate.metrics import Metrics
     from relaygate.runtime import build_control
-    from relaygate.servers.base import Context
 
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory, queue = _open_parts(settings)
@@ -132,30 +133,24 @@ def _context(settings: Any, *, control: Any = None) -> Any:
 
 
 async def _run_listeners(settings: Any) -> int:
-    from relaygate.servers.smtp import make_services
+    from relaygate.commands._single import run_services
+    from relaygate.servers.smtp.service import make_services
 
     ctx = _context(settings)
-    services = make_services(ctx)
-    if not services:
-        raise click.UsageError("no SMTP listener configured")
-    started = []
     try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
-        for svc in services:
-            for line in svc.listeners():
+        services = make_services(ctx)
+        if not services:
+            raise click.UsageError("no SMTP listener configured")
+
+        def announce(lines: list[str]) -> None:
+            for line in lines:
                 click.echo(f"relaygate smtpd: {line}")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+
+        return await run_services("smtpd", ctx, services, announce=announce)
     finally:
-        for svc in started:
-            await svc.stop(settings.shutdown_grace)
         ctx.control.store.close()
-    return 0
+        if ctx.directory is not None:
+            ctx.directory.close()
 
 
 def _run_stdio(settings: Any, *, use_store: bool, environ: dict[str, str]) -> int:
@@ -163,7 +158,7 @@ def _run_stdio(settings: Any, *, use_store: bool, environ: dict[str, str]) -> in
     from relaygate.control import RelayControl
     from relaygate.decision import Decision, Verdict
     from relaygate.errors import InvalidAddress
-    from relaygate.servers.smtp import serve_stdio
+    from relaygate.servers.smtp.service import serve_stdio
     from relaygate.stores.memory import MemoryStore
 
     log = logging.getLogger("relaygate.smtp")

@@ -155,7 +155,7 @@ def tcpserver(ctx: click.Context, /, **opts: Any) -> None:
     option value, address in use, unknown program); 2 on a usage error.
     """
     from relaygate.integrations.qmail.env import undo_locale_coercion
-    from relaygate.servers.tcpserver import TcpServer, TcpServerOptions
+    from relaygate.integrations.qmail.tcpserver import TcpServer, TcpServerOptions
 
     environ = dict(os.environ)
     undo_locale_coercion(environ)  # pass on the locale we were given, not CPython's choice
@@ -194,6 +194,6 @@ def tcpserver(ctx: click.Context, /, **opts: Any) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    from relaygate.servers.tcpserver import DEFAULT_WORKERS
+    from relaygate.integrations.qmail.tcpserver import DEFAULT_WORKERS
 
     server.serve(opts["workers"] or DEFAULT_WORKERS)

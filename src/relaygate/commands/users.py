@@ -24,13 +24,13 @@ import click
 from relaygate.cli import EXIT_TEMPFAIL, settings_from
 
 if TYPE_CHECKING:
-    from relaygate.mail.directory import Account
-    from relaygate.mail.users import UserDB
+    from relaygate.interfaces import Account
+    from relaygate.mail.accounts.db import UserDB
 
 
 @contextmanager
 def _db(ctx: click.Context) -> Iterator[UserDB]:
-    from relaygate.mail.users import NoSuchUser, UserDBError, UserError, open_directory
+    from relaygate.mail.accounts.db import NoSuchUser, UserDBError, UserError, open_directory
 
     try:
         db = open_directory(settings_from(ctx))
@@ -186,7 +186,7 @@ def import_(ctx: click.Context, file: Any, domain: str | None, update: bool) -> 
     successful login. All lines are checked first: one bad line imports
     nothing.
     """
-    from relaygate.mail.users import UserError
+    from relaygate.mail.accounts.db import UserError
 
     with _db(ctx) as db:
         try:

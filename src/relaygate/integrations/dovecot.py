@@ -171,9 +171,8 @@ def record(opts: Mapping[str, Any], environ: Mapping[str, str]) -> str:
     # No world-writable warning here: it would fill Dovecot's log once per login (policyd,
     # serve and `relaygate doctor dovecot` report it).
     store = open_store(store_url, expiry=expiry, warn=False)
-    now = time.time()
     try:
-        store.put(Grant(ip, user, domain, "dovecot", now, now + expiry))
+        store.put(Grant.opening(ip, user, domain, "dovecot", time.time(), expiry))
     finally:
         store.close()
     return f"window.opened ip={ip} user={user or '-'} source=dovecot expiry={int(expiry)}"

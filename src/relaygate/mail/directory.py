@@ -1,61 +1,16 @@
-"""The account directory interface: who has a mailbox, and who may log in.
+"""An in-memory :class:`~relaygate.interfaces.Directory` with plaintext passwords.
 
-The SMTP server asks it for local recipients and SMTP AUTH; POP3 and IMAP ask
-it to authenticate. ``relaygate.mail.users`` is the real implementation
-(SQLite, argon2id); tests may use :class:`StaticDirectory`.
+For tests and examples only; ``relaygate.mail.accounts.db.UserDB`` is the real
+directory (SQLite, argon2id, throttling).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
-
-@dataclass(frozen=True)
-class Account:
-    """A mailbox owner."""
-
-    login: str
-    domain: str
-    maildir: Path
-    #: addresses this account may send as (sender binding); the primary one first
-    addresses: tuple[str, ...] = ()
-    enabled: bool = True
-
-    @property
-    def primary_address(self) -> str:
-        if self.addresses:
-            return self.addresses[0]
-        return self.login if "@" in self.login else f"{self.login}@{self.domain}"
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    account: Account | None
-    throttled: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.account is not None and not self.throttled
-
-
-class Directory(Protocol):
-    def find_recipient(self, address: str) -> Account | None:
-        """The account that receives mail for ``address`` (case-insensitive), or None."""
-        ...
-
-    async def authenticate(self, login: str, password: str, ip: str) -> LoginResult:
-        """Check a password (off the event loop), applying throttling for ``ip`` and ``login``."""
-        ...
-
-    def find_account(self, login: str) -> Account | None:
-        """The account whose login is ``login`` (case-insensitive), or None.
-
-        The SMTP server uses it for sender binding: a relay window names the
-        login that opened it, and MAIL FROM must be one of that account's addresses.
-        """
-        ...
+from relaygate.interfaces import Account, LoginResult
 
 
 @dataclass
@@ -81,8 +36,25 @@ class StaticDirectory:
                 return account
         return None
 
-    async def authenticate(self, login: str, password: str, ip: str) -> LoginResult:
+    async def authenticate(self, login: str, password: str, ip: str, *,
+                           service: str | None = None) -> LoginResult:
         entry = self.accounts.get(login.lower())
         if entry is None or entry[1] != password or not entry[0].enabled:
             return LoginResult(None)
         return LoginResult(entry[0])
+
+    async def authenticate_apop(self, login: str, timestamp: str, digest: str, ip: str, *,
+                                service: str | None = "pop3") -> LoginResult:
+        """APOP with the plaintext password as the shared secret."""
+        entry = self.accounts.get(login.lower())
+        if entry is None or not entry[0].enabled:
+            return LoginResult(None)
+        expected = hashlib.md5((timestamp + entry[1]).encode(), usedforsecurity=False).hexdigest()
+        ok = hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "replace"))
+        return LoginResult(entry[0] if ok else None)
+
+    def reload(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -5,7 +5,7 @@ Theory of operation
 RFC 5321 section 6.1: once an SMTP server has answered 250 to the end of DATA
 it has taken responsibility for the message and must deliver it or report the
 failure; it must not lose it, even in a crash. This module is that promise on
-disk; :mod:`relaygate.mail.delivery` is the worker that keeps it.
+disk; :mod:`relaygate.mail.delivery.worker` is the worker that keeps it.
 
 On-disk format (``settings.data_dir / "queue"``, every directory mode 0700)::
 
@@ -82,13 +82,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from relaygate.errors import RelaygateError
-
-if TYPE_CHECKING:
-    from relaygate.mail.routes import Resolver
-    from relaygate.servers.base import Context, Service
 
 log = logging.getLogger("relaygate.queue")
 
@@ -809,19 +805,3 @@ def _check_id(qid: str) -> None:
     # Ids come from the command line too: never let one name a path outside the queue.
     if not isinstance(qid, str) or not ID_RE.fullmatch(qid):
         raise QueueError(f"not a queue id: {qid!r}")
-
-
-def make_worker(ctx: Context, *, resolver: Resolver | None = None) -> Service:
-    """The delivery worker service for ``ctx`` (name "queue", no listeners).
-
-    smtproutes are parsed here, so a bad line stops start-up with a ConfigError.
-    ``ctx.queue`` is created (``settings.data_dir / "queue"``) when missing.
-    ``resolver`` replaces DNS (tests); default: dnspython with the system's resolv.conf.
-    """
-    from relaygate.mail.delivery import DeliveryWorker
-    from relaygate.mail.routes import Routes
-
-    routes = Routes.from_settings(ctx.settings)
-    if ctx.queue is None:
-        ctx.queue = Queue(ctx.settings.data_dir / "queue")
-    return DeliveryWorker(ctx, queue=ctx.queue, routes=routes, resolver=resolver)

@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 Every TCP and UNIX listener of every service (SMTP, submission, smtps, POP3,
-POP3S, IMAP, IMAPS, the policy service) is a :class:`Listener`: it owns its
-bound sockets and accepts on them itself, so that something can happen between
+POP3S, IMAP, IMAPS, the policy service) binds through
+:class:`relaygate.servers.listeners.Listener`, which hands its sockets to an
+:class:`Acceptor`: it accepts on them itself, so that something can happen between
 ``accept`` and the first byte the protocol (or the TLS layer) reads. For each
 connection it works out the :class:`Peer` once, then hands the socket to
 ``loop.connect_accepted_socket`` with the service's protocol factory; on
-implicit-TLS ports behind :func:`relaygate.servers.base.tls_acceptor`, which waits
+implicit-TLS ports behind :func:`relaygate.servers.listeners.tls_acceptor`, which waits
 for the client's first TLS record before any TLS state is made.
 
 The PROXY protocol (:mod:`relaygate.protocols.proxy`) is that "something",
@@ -61,9 +62,13 @@ from relaygate.protocols.proxy import (
     ProxyHeaderError,
     header_part,
 )
-from relaygate.servers.base import LISTEN_BACKLOG, tls_acceptor
 
 log = logging.getLogger("relaygate.accept")
+
+#: listen(2) backlog for every service: asyncio's default of 100 drops the tail of a
+#: burst of connects (1000 clients at once left 100 without a greeting); the kernel
+#: caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 #: default seconds a trusted proxy has to send its header (Exim's proxy_protocol_timeout
 #: is 3 s; HAProxy sends the header with its connect, so a few seconds is generous)
@@ -95,6 +100,10 @@ class Peer:
 
 #: makes the service's protocol for one connection
 ProtocolFactory = Callable[[Peer], asyncio.BaseProtocol]
+#: wraps a connection's protocol factory for implicit TLS, given the client as logged
+#: (``relaygate.servers.listeners.tls_acceptor``)
+TlsWrap = Callable[[Callable[[], asyncio.BaseProtocol], str],
+                   Callable[[], asyncio.BaseProtocol]]
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,7 @@ def bind_unix(path: str, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     return sock
 
 
-class Listener:
+class Acceptor:
     """Accepts on its sockets and starts one protocol per connection (see the module doc).
 
     The interface is the part of :class:`asyncio.Server` the services use:
@@ -170,14 +179,12 @@ class Listener:
 
     def __init__(self, sockets: list[socket.socket], factory: ProtocolFactory, *,
                  service: str, proxies: ProxyPolicy = NO_PROXIES,
-                 ssl_context: ssl.SSLContext | None = None,
-                 ssl_handshake_timeout: float | None = None) -> None:
+                 tls_wrap: TlsWrap | None = None) -> None:
         self.sockets = sockets
         self.factory = factory
         self.service = service
         self.proxies = proxies
-        self.ssl_context = ssl_context
-        self.ssl_handshake_timeout = ssl_handshake_timeout if ssl_context is not None else None
+        self.tls_wrap = tls_wrap
         self._loop = asyncio.get_running_loop()
         self._serving = False
         #: connections between accept and their protocol (header, TLS handshake)
@@ -255,12 +262,10 @@ class Listener:
             def factory() -> asyncio.BaseProtocol:
                 return self.factory(made)
 
-            if self.ssl_context is not None:
-                # implicit TLS without asyncio's 256 KiB per connection (see servers.base)
-                tls = tls_acceptor(factory, self.ssl_context, self.service,
-                                   self.ssl_handshake_timeout or TLS_HANDSHAKE_TIMEOUT,
-                                   peer=made.shown)
-                await self._loop.connect_accepted_socket(tls, conn)
+            if self.tls_wrap is not None:
+                # implicit TLS: a TlsAcceptor first (see servers.listeners)
+                await self._loop.connect_accepted_socket(self.tls_wrap(factory, made.shown),
+                                                         conn)
             else:
                 await self._loop.connect_accepted_socket(factory, conn)
         except asyncio.CancelledError:
@@ -350,7 +355,7 @@ async def listen_tcp_or_unix(
     service: str, proxies: ProxyPolicy = NO_PROXIES, ssl_context: ssl.SSLContext | None = None,
     ssl_handshake_timeout: float | None = None, sock: socket.socket | None = None,
     backlog: int = LISTEN_BACKLOG,
-) -> Listener:
+) -> Acceptor:
     """Bind (or take ``sock``), start accepting, return the Listener."""
     if sock is not None:
         sockets = [sock]
@@ -360,8 +365,18 @@ async def listen_tcp_or_unix(
     else:
         assert port is not None
         sockets = bind_tcp(host, port, backlog=backlog)
-    listener = Listener(sockets, factory, service=service, proxies=proxies,
-                        ssl_context=ssl_context, ssl_handshake_timeout=ssl_handshake_timeout)
+    wrap: TlsWrap | None = None
+    if ssl_context is not None:
+        from relaygate.servers.listeners import tls_acceptor
+
+        context = ssl_context
+        timeout = ssl_handshake_timeout or TLS_HANDSHAKE_TIMEOUT
+
+        def wrap(factory: Callable[[], asyncio.BaseProtocol],
+                 who: str) -> Callable[[], asyncio.BaseProtocol]:
+            return tls_acceptor(factory, context, service, timeout, peer=who)
+
+    listener = Acceptor(sockets, factory, service=service, proxies=proxies, tls_wrap=wrap)
     listener.start()
     return listener
 

@@ -21,7 +21,8 @@ import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relaygate.servers.base import Listen
+from relaygate.servers.accept import Peer
+from relaygate.servers.listeners import Listen, Listener
 
 log = logging.getLogger("relaygate.metrics")
 
@@ -41,40 +42,31 @@ class MetricsService:
     def __init__(self, listen: Listen, registry: CollectorRegistry) -> None:
         self.listen = listen
         self.registry = registry
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._open = 0
 
     def listeners(self) -> list[str]:
-        if self._server is not None and self._server.sockets:
-            out = []
-            for sock in self._server.sockets:
-                addr = sock.getsockname()
-                if isinstance(addr, tuple):
-                    host = str(addr[0])
-                    out.append(f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}")
-                else:
-                    out.append(f"unix:{addr}")
-            return out
+        if self._listener is not None and self._listener.addresses:
+            return list(self._listener.addresses)
         return [str(self.listen)]
 
     async def start(self) -> None:
-        if self.listen.path is not None:
-            self._server = await asyncio.start_unix_server(
-                self._handle, path=self.listen.path, limit=MAX_REQUEST_HEAD)
-        else:
-            self._server = await asyncio.start_server(
-                self._handle, host=self.listen.host, port=self.listen.port,
-                reuse_address=True, limit=MAX_REQUEST_HEAD)
+        listener = Listener("metrics", self.listen)
+        await listener.bind_streams(self._handle, limit=MAX_REQUEST_HEAD)
+        self._listener = listener
+
+    def reload(self) -> None:
+        """Nothing of its own to re-read."""
 
     async def stop(self, grace: float = 30.0) -> None:
-        if self._server is None:
+        if self._listener is None:
             return
-        self._server.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), timeout=min(grace, 2.0))
-        self._server = None
+        self._listener.close()
+        await self._listener.wait_closed(min(grace, 2.0))
+        self._listener = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      peer: Peer) -> None:
         if self._open >= MAX_CONNECTIONS:
             writer.close()
             return

@@ -20,7 +20,7 @@ a complete request is triaged, and when it needs a relay decision,
   after a crash, or holding the database in exclusive locking mode) are
   bounded by a connection of the service's own with a busy timeout of
   :data:`INLINE_BUSY_TIMEOUT` (20 ms, instead of the store's 5 s; see
-  :class:`_SqliteReader`). A lookup that fails on the loop, lock or anything
+  :class:`~relaygate.stores.sqlite.SqliteReader`). A lookup that fails on the loop, lock or anything
   else, is not answered there: it goes to the thread path below, which asks
   the store itself with its full busy timeout and fails closed (DUNNO plus a
   warning) if the store still fails. So the loop stalls for at most
@@ -49,7 +49,7 @@ and back within one callback, and the reader copies what it keeps.
 
 No answer is ever cached: every request asks the store (the SQLite lookups
 made in one loop iteration share one read transaction, see
-:class:`_SqliteReader`), so a revoked window stops relaying from the next
+:class:`~relaygate.stores.sqlite.SqliteReader`), so a revoked window stops relaying from the next
 loop iteration on, and an expired one at once (the lookup compares with the
 current time).
 
@@ -72,13 +72,12 @@ import grp
 import logging
 import os
 import socket
-import sqlite3
 import stat
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from relaygate.context import Context
 from relaygate.control import RelayControl
 from relaygate.decision import Decision, Verdict
 from relaygate.errors import ConfigError, StoreError
@@ -94,10 +93,16 @@ from relaygate.protocols.policy import (
     triage,
 )
 from relaygate.relaystats import count_relayed
-from relaygate.servers.accept import Listener, Peer, ProxyPolicy, listen_tcp_or_unix
-from relaygate.servers.base import Context, Listen, parse_listen
+from relaygate.servers.accept import Peer
+from relaygate.servers.listeners import (
+    LISTEN_BACKLOG,
+    Listen,
+    Listener,
+    parse_listen,
+    proxy_policy,
+)
 from relaygate.stores.base import GrantStore
-from relaygate.stores.sqlite import _GET, MMAP_SIZE, SqliteStore, _grant
+from relaygate.stores.sqlite import SqliteReader, SqliteStore
 
 log = logging.getLogger("relaygate.policy")
 
@@ -385,78 +390,6 @@ class _HandOff(Exception):
     """The store failed on the event loop: ask again from the thread path."""
 
 
-class _SqliteReader:
-    """Grant lookups in an SQLite store from the event loop (module docstring).
-
-    Its own connection, with the store's own query and row mapping (so the two
-    cannot disagree), a busy timeout of :data:`INLINE_BUSY_TIMEOUT` and
-    ``query_only`` set: it never writes. It opens the file without creating it
-    (``mode=rw``) and only if it is in WAL mode, the mode the store sets on
-    its first connection: otherwise (a new database, a reader that could wait
-    for a writer) the lookup fails here and the thread path's store creates
-    or converts the database with its own modes and locks.
-
-    The lookups made in one iteration of the event loop (the requests read
-    together) share one read transaction, ended by a ``call_soon`` before the
-    loop waits again: SQLite takes its file locks once per iteration instead
-    of once per lookup (two fcntl(2) and an fstat(2) each, measured with
-    strace). Nothing is remembered between iterations: a window revoked
-    meanwhile is seen from the next iteration on, and an idle loop holds no
-    transaction (so no checkpoint waits for it).
-    """
-
-    kind = "sqlite"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.conn: sqlite3.Connection | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
-        conn = sqlite3.connect(uri, uri=True, timeout=INLINE_BUSY_TIMEOUT,
-                               isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA query_only = 1")
-            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            mode = conn.execute("PRAGMA journal_mode").fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise sqlite3.OperationalError(f"not in WAL mode ({mode})")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def get(self, ip: str, now: float) -> Grant | None:
-        # ``ip`` comes from RelayControl.decide, canonical already.
-        try:
-            conn = self.conn
-            if conn is None:
-                conn = self.conn = self._connect()
-            if not conn.in_transaction:
-                # The end is scheduled first: no transaction can outlive this iteration.
-                asyncio.get_running_loop().call_soon(self._end)
-                conn.execute("BEGIN")
-            row = conn.execute(_GET, (ip, now)).fetchone()
-        except (sqlite3.Error, OSError) as exc:
-            self.close()  # a broken connection is not reused
-            raise StoreError(f"sqlite {self.path}: cannot read grant for {ip}: {exc}") from None
-        return None if row is None else _grant(row)
-
-    def _end(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.in_transaction:
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error:
-                self.close()
-
-    def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-
 class _LoopStore:
     """The store as the event loop sees it: ``lookup`` for ``get``, and a
     StoreError there becomes :class:`_HandOff`, so a lookup that fails on the
@@ -498,7 +431,7 @@ class _LoopStore:
 class _LoopDecider:
     """Relay decisions made on the event loop, for the local stores (module docstring).
 
-    SQLite is read through a :class:`_SqliteReader`; a memory store is asked
+    SQLite is read through a :class:`~relaygate.stores.sqlite.SqliteReader`; a memory store is asked
     directly. The rules are always the service's current ones (``relaygate
     serve`` reloads them).
     """
@@ -506,10 +439,13 @@ class _LoopDecider:
     def __init__(self, control: RelayControl) -> None:
         self.control = control
         store = control.store
-        self.reader: _SqliteReader | None = None
+        self.reader: SqliteReader | None = None
         lookup = store.get
         if isinstance(store, SqliteStore):
-            self.reader = _SqliteReader(store.path)
+            # one read transaction per loop iteration (see SqliteReader)
+            self.reader = SqliteReader(
+                store.path, busy_timeout=INLINE_BUSY_TIMEOUT,
+                end_soon=lambda end: asyncio.get_running_loop().call_soon(end))
             lookup = self.reader.get
         self.local = RelayControl(_LoopStore(lookup, store), control.rules,
                                   expiry=control.expiry, relayclient=control.relayclient)
@@ -593,9 +529,8 @@ class PolicyService:
         #: what every connection reads into (module docstring)
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         self.connections: set[Any] = set()
-        self._servers: list[Listener] = []
+        self._listeners: list[Listener] = []
         self._unix_paths: list[tuple[str, int, int]] = []
-        self._bound: list[str] = []
         self._sweeper: asyncio.TimerHandle | None = None
 
     def queue_output(self, conn: Any) -> None:
@@ -640,7 +575,8 @@ class PolicyService:
             inc(n)
 
     def listeners(self) -> list[str]:
-        return [f"{self.name} {b}" for b in (self._bound or [str(x) for x in self.listens])]
+        bound = [addr for listener in self._listeners for addr in listener.addresses]
+        return [f"{self.name} {b}" for b in (bound or [str(x) for x in self.listens])]
 
     def _connection(self, peer: Peer) -> asyncio.BaseProtocol:
         proto = self.connection(self)
@@ -651,27 +587,16 @@ class PolicyService:
     async def start(self) -> None:
         try:
             for listen in self.listens:
-                if listen.path is not None:
-                    sock = self._unix_socket(listen.path)
-                    server = await listen_tcp_or_unix(
-                        None, None, None, self._connection, service=self.name, sock=sock)
-                    self._bound.append(str(listen))
-                else:
-                    server = await listen_tcp_or_unix(
-                        listen.host, listen.port or 0, None, self._connection,
-                        service=self.name,
-                        proxies=ProxyPolicy.from_settings(self.ctx.settings))
-                    for s in server.sockets:
-                        addr = s.getsockname()
-                        host = addr[0]
-                        self._bound.append(f"[{host}]:{addr[1]}" if ":" in host
-                                           else f"{host}:{addr[1]}")
-                self._servers.append(server)
+                listener = Listener(self.name, listen)
+                self._listeners.append(listener)
+                sock = self._unix_socket(listen.path) if listen.path is not None else None
+                await listener.bind(self._connection, sock=sock,
+                                    proxies=proxy_policy(self.ctx.settings))
         except BaseException:
             await self.stop(0)
             raise
-        for b in self._bound:
-            log.info("%s service listening on %s", self.name, b)
+        for listener in self._listeners:
+            log.info("%s service listening on %s", self.name, listener)
         self._sweep()
 
     def _sweep(self) -> None:
@@ -704,15 +629,18 @@ class PolicyService:
             os.chown(path, -1, self.socket_gid)
         st = os.stat(path)
         self._unix_paths.append((path, st.st_dev, st.st_ino))
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         return sock
+
+    def reload(self) -> None:
+        """SIGHUP: nothing of its own (the runner reloads the rules every decision uses)."""
 
     async def stop(self, grace: float = 30.0) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for path, dev, ino in self._unix_paths:
             # Remove only the socket we made (another instance may have replaced it).
             with contextlib.suppress(OSError):
@@ -727,10 +655,9 @@ class PolicyService:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.close()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
-        self._servers.clear()
+        for listener in self._listeners:
+            await listener.wait_closed(1.0)
+        self._listeners.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.decider is not None:
             self.decider.close()

@@ -42,11 +42,10 @@ import secrets
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING
 
-from relaygate.addresses import client_group, is_loopback
-from relaygate.control import WindowRefused
-from relaygate.errors import ConfigError
+from relaygate.addresses import is_loopback
 from relaygate.log import event
 from relaygate.mail.mailbox import (
     MailboxError,
@@ -70,18 +69,20 @@ from relaygate.protocols.pop3 import (
     StartTls,
     Update,
 )
-from relaygate.servers.accept import (
+from relaygate.servers.accept import Peer
+from relaygate.servers.listeners import (
+    TLS_HANDSHAKE_TIMEOUT,
+    AddressLimiter,
     Listener,
-    Peer,
-    ProxyPolicy,
-    listen_tcp_or_unix,
-    stream_factory,
+    open_window_after_login,
+    parse_listen,
+    proxy_policy,
+    tls_context_of,
 )
-from relaygate.servers.base import Listen, parse_listen
 
 if TYPE_CHECKING:
-    from relaygate.mail.directory import Account, Directory, LoginResult
-    from relaygate.servers.base import Context
+    from relaygate.context import Context
+    from relaygate.interfaces import Directory, LoginResult
 
 log = logging.getLogger("relaygate.pop3")
 
@@ -89,10 +90,6 @@ log = logging.getLogger("relaygate.pop3")
 READ_SIZE = 4096
 #: bytes read from a message file per thread hop while sending it
 SEND_CHUNK = 256 * 1024
-#: seconds a TLS handshake (implicit or STLS) may take
-TLS_HANDSHAKE_TIMEOUT = 30.0
-#: asyncio.start_server's default line limit of the stream reader
-STREAM_LIMIT = 2**16
 
 
 @dataclass(eq=False)
@@ -119,57 +116,24 @@ class Pop3Service:
         self.settings = ctx.settings
         directory = ctx.directory
         if directory is None:
-            from relaygate.mail.users import open_directory
+            from relaygate.mail.accounts.db import open_directory
 
             directory = ctx.directory = open_directory(ctx.settings)
         self.directory: Directory = directory
-        self._own_context = False
-        self.ssl_context = self._ssl_context()
+        self.ssl_context = tls_context_of(ctx)
+        self.proxies = proxy_policy(ctx.settings)
         self.sizes = SizeCache()
-        self.proxies = ProxyPolicy.from_settings(ctx.settings)
-        self._servers: list[tuple[str, Listen, Listener]] = []
+        self._listeners: list[Listener] = []
         self._sessions: set[_Session] = set()
-        self._per_ip: dict[str, int] = {}
+        self.limiter = AddressLimiter(self.settings.pop3.max_connections_per_ip,
+                                      self.settings.ipv6_prefix, unix_key="unix")
         self._stopping = False
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        shared = self.ctx.extra.get("ssl_context")
-        if isinstance(shared, ssl.SSLContext):
-            return shared  # ``serve`` shares one context and reloads it on SIGHUP
-        tls = self.settings.tls
-        if tls.cert is None or tls.key is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(tls.cert, tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS certificate: {exc}",
-                              source=str(tls.cert)) from None
-        self._own_context = True
-        return context
-
-    def reload(self) -> None:
-        """SIGHUP (``pop3d``): re-read the certificate; keep the old one on error.
-
-        Under ``serve`` the context is shared and serve reloads it: nothing to do.
-        """
-        tls = self.settings.tls
-        if not self._own_context or self.ssl_context is None or tls.cert is None \
-                or tls.key is None:
-            return
-        try:
-            self.ssl_context.load_cert_chain(tls.cert, tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            log.error("POP3: keeping the old TLS certificate: cannot load %s: %s",
-                      tls.cert, exc)
 
     # -- Service ---------------------------------------------------------------
 
     def listeners(self) -> list[str]:
-        if self._servers:
-            return [f"{kind} {self._bound(listen, server)}"
-                    for kind, listen, server in self._servers]
+        if self._listeners:
+            return [f"{lst.kind} {addr}" for lst in self._listeners for addr in lst.addresses]
         out = [f"pop3 {spec}" for spec in self.settings.pop3.listen]
         if self.ssl_context is not None:
             out += [f"pop3s {spec}" for spec in self.settings.pop3.listen_tls]
@@ -178,19 +142,13 @@ class Pop3Service:
     def addresses(self) -> list[tuple[str, str, int]]:
         """(kind, host, port) actually bound, for tests and ``status``."""
         out = []
-        for kind, listen, server in self._servers:
-            for sock in server.sockets:
-                if listen.path is None:
-                    host, port = sock.getsockname()[:2]
-                    out.append((kind, str(host), int(port)))
+        for lst in self._listeners:
+            if lst.server is None or lst.listen.path is not None:
+                continue
+            for sock in lst.server.sockets:
+                host, port = sock.getsockname()[:2]
+                out.append((lst.kind, str(host), int(port)))
         return out
-
-    @staticmethod
-    def _bound(listen: Listen, server: Listener) -> str:
-        if listen.path is not None or not server.sockets:
-            return str(listen)
-        port = server.sockets[0].getsockname()[1]
-        return str(Listen(listen.host, int(port)))
 
     async def start(self) -> None:
         plans: list[tuple[str, str, bool]] = [
@@ -200,30 +158,24 @@ class Pop3Service:
         try:
             for kind, spec, implicit in plans:
                 origin = "pop3.listen_tls" if implicit else "pop3.listen"
-                listen = parse_listen(spec, origin=origin)
-                server = await self._listen(listen, implicit)
-                self._servers.append((kind, listen, server))
-                log.debug("listening: %s %s", kind, self._bound(listen, server))
+                listener = Listener(kind, parse_listen(spec, origin=origin))
+                self._listeners.append(listener)
+                await listener.bind_streams(
+                    partial(self._accept, listener=listener, implicit=implicit),
+                    tls=self.ssl_context if implicit else None, proxies=self.proxies)
+                log.debug("listening: %s %s", kind, listener)
         except BaseException:
             await self.stop(0)
             raise
 
-    async def _listen(self, listen: Listen, implicit: bool) -> Listener:
-        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    peer: Peer) -> None:
-            self._accept(reader, writer, listen, implicit, peer)
-
-        return await listen_tcp_or_unix(
-            listen.host, listen.port, listen.path, stream_factory(handler, limit=STREAM_LIMIT),
-            service="pop3s" if implicit else "pop3", proxies=self.proxies,
-            ssl_context=self.ssl_context if implicit else None,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+    def reload(self) -> None:
+        """SIGHUP: nothing of its own (the runner reloads the users and the certificate)."""
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; cut idle sessions now, let busy ones finish up to ``grace``."""
         self._stopping = True
-        for _, _, server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for s in list(self._sessions):
             if s.idle and s.task is not None:
                 s.task.cancel()
@@ -234,40 +186,33 @@ class Pop3Service:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
-        for _, _, server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+        for listener in self._listeners:
+            await listener.wait_closed(timeout=5.0)
+        self._listeners.clear()
 
     # -- connections -----------------------------------------------------------
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                listen: Listen, implicit: bool, peer: Peer) -> None:
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
+                *, listener: Listener, implicit: bool) -> None:
         ip = peer.ip
-        key = self._limit_key(ip)
         if self._stopping:
             writer.close()
             return
-        if self._per_ip.get(key, 0) >= self.settings.pop3.max_connections_per_ip:
+        if not self.limiter.acquire(ip):
             writer.write(b"-ERR [SYS/TEMP] Too many connections from your address\r\n")
             writer.close()
             event("pop3.refused", ip=ip, reason="too many connections")
             return
-        self._per_ip[key] = self._per_ip.get(key, 0) + 1
         session = _Session(ip, proxied=peer.proxy is not None)
         self._sessions.add(session)
         self.ctx.metrics.connections.labels("pop3").inc()
         session.task = asyncio.get_running_loop().create_task(
-            self._run(session, reader, writer, listen, implicit))
-
-    def _limit_key(self, ip: str | None) -> str:
-        """What ``pop3.max_connections_per_ip`` counts under: the address, IPv6 by network."""
-        return client_group(ip or "unix", self.settings.ipv6_prefix)
+            self._run(session, reader, writer, listener, implicit))
 
     async def _run(self, session: _Session, reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter, listen: Listen, implicit: bool) -> None:
-        key = self._limit_key(session.ip)
+                   writer: asyncio.StreamWriter, listener: Listener, implicit: bool) -> None:
         try:
-            await self._session(session, reader, writer, listen, implicit)
+            await self._session(session, reader, writer, listener, implicit)
         except asyncio.CancelledError:
             pass
         except (ConnectionError, TimeoutError, ssl.SSLError) as exc:
@@ -282,35 +227,28 @@ class Pop3Service:
                 await asyncio.shield(asyncio.to_thread(lock.release))
             writer.close()
             self._sessions.discard(session)
-            n = self._per_ip.get(key, 1) - 1
-            if n > 0:
-                self._per_ip[key] = n
-            else:
-                self._per_ip.pop(key, None)
+            self.limiter.release(session.ip)
             self.ctx.metrics.connections.labels("pop3").dec()
 
-    def _config(self, listen: Listen, ip: str | None, implicit: bool,
+    def _config(self, listener: Listener, ip: str | None, implicit: bool,
                 proxied: bool = False) -> Pop3Config:
         s = self.settings
         # A forwarded connection says nothing about the listener: the client's address does.
-        loopback = (listen.loopback and not proxied) or (ip is not None and is_loopback(ip))
-        apop = None
-        if callable(getattr(self.directory, "authenticate_apop", None)):
-            host = (s.hostname or socket.gethostname() or "localhost").replace(">", "")
-            apop = f"<{os.getpid()}.{secrets.token_hex(8)}@{host}>"
+        loopback = (listener.loopback and not proxied) or (ip is not None and is_loopback(ip))
+        host = (s.hostname or socket.gethostname() or "localhost").replace(">", "")
         return Pop3Config(
             tls_available=self.ssl_context is not None,
             tls_active=implicit,
             plaintext_without_tls=loopback or s.auth.allow_plaintext,
-            apop_timestamp=apop,
+            apop_timestamp=f"<{os.getpid()}.{secrets.token_hex(8)}@{host}>",
             max_commands=s.pop3.max_commands,
             bad_command_limit=s.pop3.bad_command_limit,
         )
 
     async def _session(self, session: _Session, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter, listen: Listen, implicit: bool) -> None:
+                       writer: asyncio.StreamWriter, listener: Listener, implicit: bool) -> None:
         timeout = self.settings.pop3.idle_timeout
-        conn = Pop3Connection(self._config(listen, session.ip, implicit, session.proxied))
+        conn = Pop3Connection(self._config(listener, session.ip, implicit, session.proxied))
 
         async def send(data: bytes) -> None:
             if data:
@@ -388,17 +326,11 @@ class Pop3Service:
     # -- events ----------------------------------------------------------------
 
     async def _authenticate(self, session: _Session, ev: Login | ApopLogin) -> LoginResult:
-        from relaygate.mail.users import UserDB
-
         ip = session.ip or "unix"
-        d: Any = self.directory
         if isinstance(ev, ApopLogin):
-            result: LoginResult = await d.authenticate_apop(ev.user, ev.timestamp, ev.digest,
-                                                            ip, service="pop3")
-            return result
-        if isinstance(d, UserDB):
-            return await d.authenticate(ev.user, ev.password, ip, service="pop3")
-        return await self.directory.authenticate(ev.user, ev.password, ip)
+            return await self.directory.authenticate_apop(ev.user, ev.timestamp, ev.digest, ip,
+                                                          service="pop3")
+        return await self.directory.authenticate(ev.user, ev.password, ip, service="pop3")
 
     async def _login(self, session: _Session, conn: Pop3Connection,
                      ev: Login | ApopLogin) -> None:
@@ -422,7 +354,7 @@ class Pop3Service:
         logins.labels("pop3", "ok").inc()
         event("login.ok", user=account.login, domain=account.domain, ip=session.ip,
               service="pop3", mechanism=mechanism, tls=conn.tls_active)
-        await self._open_window(session, account)
+        await open_window_after_login(self.ctx, session.ip, account, "pop3")
         mailbox = MaildirMailbox(account.maildir, sizes=self.sizes)
         try:
             session.lock = await asyncio.to_thread(lock_mailbox, account.maildir)
@@ -446,28 +378,6 @@ class Pop3Service:
         session.messages = messages
         session.user = account.login
         conn.login_ok(account.login, [(m.size, m.uid) for m in messages])
-
-    async def _open_window(self, session: _Session, account: Account) -> None:
-        if session.ip is None:
-            return  # a UNIX-socket client has no address to open
-        try:
-            grant = await asyncio.to_thread(
-                self.ctx.control.open_window, session.ip, user=account.login,
-                domain=account.domain, source="pop3")
-        except WindowRefused:
-            event("window.refused", ip=session.ip, user=account.login, source="pop3",
-                  reason="trusted proxy")
-            return
-        except Exception as exc:  # StoreError, or a store bug: never fail the login
-            log.warning("pop3: could not open the relay window of %s for %s: %s",
-                        session.ip, account.login, exc)
-            self.ctx.metrics.windows.labels("failed").inc()
-            event("window.failed", ip=session.ip, user=account.login, source="pop3",
-                  level=logging.WARNING)
-            return
-        self.ctx.metrics.windows.labels("opened").inc()
-        event("window.opened", ip=grant.ip, user=account.login, domain=account.domain,
-              source="pop3", expires=int(grant.expires_at - grant.opened_at))
 
     async def _retrieve(self, session: _Session, conn: Pop3Connection, ev: Retrieve,
                         writer: asyncio.StreamWriter, timeout: float) -> None:

@@ -11,7 +11,7 @@ Start-up follows qmail's "do as little as possible as root":
    ``relaygate.lock`` with ``flock`` (held for the process's life, so a second
    serve on the same data directory is refused with the first one's pid);
 3. load the TLS certificate into ONE ``ssl.SSLContext``
-   (``ctx.extra["ssl_context"]``), which every TLS listener shares, so a
+   (``ctx.ssl_context``), which every TLS listener shares, so a
    SIGHUP reload reaches them all;
 4. with the *effective* uid/gid of the service user, open the grant store,
    the user directory and the queue, and build the services, so every file
@@ -20,7 +20,8 @@ Start-up follows qmail's "do as little as possible as root":
    1024 included), then drop privileges for good: ``setgroups([])``,
    ``setgid``, ``setuid``, and check that root cannot be regained.
 
-Then it runs the aging loop (every ``age_interval`` seconds,
+Start, signals and stop are :class:`relaygate.servers.runtime.Runtime`'s, the
+lifecycle every service command shares. Then it runs the aging loop (every ``age_interval`` seconds,
 ``RelayControl.age`` in a thread; a store failure is logged, never fatal),
 rewrites ``status.json`` every few seconds for ``relaygate status``, and
 answers signals:
@@ -47,7 +48,6 @@ import inspect
 import logging
 import os
 import pwd
-import signal
 import ssl
 import sys
 import time
@@ -57,12 +57,18 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Settings
-from relaygate.errors import ConfigError, RelaygateError, StoreError
+from relaygate.context import Context
+from relaygate.errors import RelaygateError, StoreError
+from relaygate.interfaces import Service
 from relaygate.log import event, setup_logging
 from relaygate.metrics import Metrics
-from relaygate.rules import RuleSet
 from relaygate.runtime import build_control
-from relaygate.servers.base import Context, Service, parse_listen
+from relaygate.servers.listeners import (
+    parse_listen,
+    resolves_to_loopback,
+    server_tls_context,
+)
+from relaygate.servers.runtime import Runtime, StartError, addresses
 from relaygate.status import (
     LOCK_FILE,
     STATUS_INTERVAL,
@@ -78,8 +84,6 @@ log = logging.getLogger("relaygate.serve")
 #: a service factory: takes the Context, returns one Service or a list of them
 Factory = Callable[[Context], Any]
 
-#: seconds added to the grace period before serve gives up waiting for services
-STOP_SLACK = 5.0
 #: seconds between "status file cannot be written" warnings (no log flood)
 STATUS_WARN_EVERY = 60.0
 #: seconds between queue gauge refreshes (Queue.stats reads every envelope)
@@ -110,12 +114,12 @@ def _tls(s: Settings) -> bool:
 #: the services of ``relaygate serve``, in start order (the queue worker first,
 #: so it is ready before SMTP accepts mail; it is stopped last)
 PARTS: tuple[Part, ...] = (
-    Part("queue", "relaygate.mail.queue:make_worker", lambda s: True),
-    Part("smtp", "relaygate.servers.smtp:make_services",
+    Part("queue", "relaygate.mail.delivery.worker:make_worker", lambda s: True),
+    Part("smtp", "relaygate.servers.smtp.service:make_services",
          lambda s: bool(s.smtp.listen or s.smtp.submission or (_tls(s) and s.smtp.smtps))),
     Part("pop3", "relaygate.servers.pop3:make_service",
          lambda s: bool(s.pop3.listen or (_tls(s) and s.pop3.listen_tls))),
-    Part("imap", "relaygate.servers.imap:make_service",
+    Part("imap", "relaygate.servers.imap.service:make_service",
          lambda s: bool(s.imap.listen or (_tls(s) and s.imap.listen_tls))),
     Part("policy", "relaygate.servers.policy:make_service", lambda s: bool(s.policy.listen)),
     Part("socketmap", "relaygate.servers.socketmap:make_service",
@@ -136,7 +140,7 @@ def default_factories(settings: Settings) -> list[tuple[str, Factory]]:
 
 
 def default_directory(settings: Settings) -> Any:
-    open_directory = _import("relaygate.mail.users:open_directory")
+    open_directory = _import("relaygate.mail.accounts.db:open_directory")
     return open_directory(settings)
 
 
@@ -164,7 +168,8 @@ def _trial_listeners_only(settings: Settings) -> bool:
     for name, specs in listener_settings(settings):
         for spec in specs:
             listen = parse_listen(spec, origin=name)
-            if not listen.loopback or (listen.port is not None and listen.port < 1024):
+            if not resolves_to_loopback(listen) or (listen.port is not None
+                                                    and listen.port < 1024):
                 return False
     return True
 
@@ -286,10 +291,8 @@ class Server:
         self.store_ok: bool | None = None
         self._lock_fd: int | None = None
         self._target: _Target | None = None
-        self._stop: asyncio.Event | None = None
-        self._hurry: asyncio.Event | None = None
-        #: SIGHUP reloads in progress (a reference, so the tasks are not collected)
-        self._reloads: set[asyncio.Task[list[str]]] = set()
+        #: start, SIGHUP, SIGTERM and grace: the lifecycle every process shares
+        self.runtime: Runtime | None = None
         self._last_status_warning = 0.0
         self._queue_checked = -QUEUE_STATS_INTERVAL
 
@@ -316,7 +319,7 @@ class Server:
         self._target = resolve_target(s)
         self.first_run = self._prepare_data_dir()
         self._lock()
-        self.ssl_context = self._load_tls()
+        self.ssl_context = server_tls_context(s)
         self._preload()
 
     def _preload(self) -> None:
@@ -384,19 +387,6 @@ class Server:
             os.fchown(fd, self._target.uid, self._target.gid)
         self._lock_fd = fd
 
-    def _load_tls(self) -> ssl.SSLContext | None:
-        tls = self.settings.tls
-        if tls.cert is None or tls.key is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(tls.cert, tls.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS certificate and key ({exc})",
-                              source="tls.cert", value=str(tls.cert)) from None
-        return context
-
     @contextlib.contextmanager
     def _as_service_user(self) -> Iterator[None]:
         """Run the block with the service user's effective ids (files it creates are theirs)."""
@@ -423,9 +413,7 @@ class Server:
 
         warn_addresses_outside(s, directory)
         queue = self._open_queue(s)
-        return Context(s, control, metrics, directory, queue,
-                       extra={"ssl_context": self.ssl_context, "errors": self.errors,
-                              "started_at": time.time()})
+        return Context(s, control, metrics, directory, queue, ssl_context=self.ssl_context)
 
     def _probe_store(self, store: Any) -> None:
         """One read at start: creates an SQLite file as the service user, reports Redis down."""
@@ -503,25 +491,22 @@ class Server:
     # -- the loop ------------------------------------------------------------
 
     async def main(self) -> int:
-        self._stop = asyncio.Event()
-        self._hurry = asyncio.Event()
+        self.runtime = runtime = Runtime("serve")
         if self._install_signals:
             # before anything starts: a SIGTERM during start-up is a clean stop, not a kill
-            self._signals()
+            runtime.install_signals()
         with self._as_service_user():
             self.ctx = ctx = self.build_context()
             self.services = self._build_services(ctx)
-        started: list[Service] = []
+        runtime.attach(ctx, self.services)
         try:
-            for svc in self.services:
-                try:
-                    await svc.start()
-                except OSError as exc:
-                    raise ServeError(f"{svc.name}: cannot listen: {exc.strerror or exc}") from None
-                started.append(svc)
+            await runtime.start()
+        except StartError as exc:
+            raise ServeError(str(exc)) from None
+        try:
             self._drop_privileges()
         except BaseException:
-            await self._stop_services(started, 0.0)
+            await runtime.shutdown()
             raise
         self.started_at = time.time()
         for svc in self.services:
@@ -533,104 +518,26 @@ class Server:
         self._banner()
         tasks = [asyncio.create_task(self._aging_loop(), name="aging"),
                  asyncio.create_task(self._status_loop(), name="status")]
-        await self._stop.wait()
+        await runtime.wait()
         event("serve.stopping", grace=self.settings.shutdown_grace)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._shutdown()
+        await runtime.shutdown()
         self._write_status("stopped")
         event("serve.stopped")
         return 0
 
     def request_stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does); a second call hurries it."""
-        assert self._stop is not None and self._hurry is not None
-        if self._stop.is_set():
-            event("serve.hurry")
-            self._hurry.set()
-        self._stop.set()
-
-    def _signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-
-    def _on_hup(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
-
-    async def _shutdown(self) -> None:
-        grace = self.settings.shutdown_grace
-        listening = [s for s in self.services if s.listeners()]
-        quiet = [s for s in self.services if not s.listeners()]
-        assert self._hurry is not None
-        for group in (listening, quiet):
-            job = asyncio.ensure_future(self._stop_services(group, grace))
-            hurry = asyncio.ensure_future(self._hurry.wait())
-            done, _ = await asyncio.wait({job, hurry}, timeout=grace + STOP_SLACK,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            hurry.cancel()
-            if job not in done:
-                log.warning("services did not stop in time; exiting anyway")
-                job.cancel()
-                await asyncio.gather(job, return_exceptions=True)
-                return
-
-    @staticmethod
-    async def _stop_services(services: Sequence[Service], grace: float) -> None:
-        async def one(svc: Service) -> None:
-            try:
-                await svc.stop(grace)
-            except Exception:
-                log.exception("%s: error while stopping", svc.name)
-
-        await asyncio.gather(*(one(s) for s in services))
+        assert self.runtime is not None
+        self.runtime.request_stop()
 
     async def reload(self) -> list[str]:
-        """SIGHUP: rules, TLS certificate, users and reloadable services; returns what reloaded."""
-        ctx = self.ctx
-        if ctx is None:
+        """SIGHUP: rules, TLS certificate, users and every service; returns what reloaded."""
+        if self.runtime is None or self.ctx is None:
             return []
-        s = self.settings
-        done: list[str] = []
-        if s.rules_file is not None:
-            try:
-                rules = await asyncio.to_thread(RuleSet.load, s.rules_file)
-            except ConfigError as exc:
-                log.error("reload: keeping the old rules: %s", exc)
-            else:
-                ctx.control.rules = rules
-                done.append("rules")
-        if self.ssl_context is not None and s.tls.cert is not None and s.tls.key is not None:
-            try:
-                self.ssl_context.load_cert_chain(s.tls.cert, s.tls.key)
-            except (OSError, ssl.SSLError) as exc:
-                log.error("reload: keeping the old TLS certificate: cannot load %s: %s",
-                          s.tls.cert, exc)
-            else:
-                done.append("tls")
-        targets: list[tuple[str, Any]] = [("users", ctx.directory)]
-        targets += [(svc.name, svc) for svc in self.services]
-        for name, obj in targets:
-            fn = getattr(obj, "reload", None)
-            if not callable(fn):
-                continue
-            try:
-                if inspect.iscoroutinefunction(fn):
-                    await fn()
-                else:
-                    result = await asyncio.to_thread(fn)
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception as exc:
-                log.error("reload: %s failed: %s", name, exc)
-            else:
-                done.append(name)
-        event("serve.reloaded", parts=",".join(done) or "nothing")
-        return done
+        return await self.runtime.reload()
 
     async def _aging_loop(self) -> None:
         ctx = self.ctx
@@ -682,8 +589,7 @@ class Server:
             "store_ok": self.store_ok,
             "domains": list(s.local_domains),
             "metrics": s.metrics.listen,
-            "services": [{"name": svc.name, "listeners": _addresses(svc)}
-                         for svc in self.services],
+            "services": (self.runtime.status() if self.runtime is not None else []),
             "errors": self.errors.items(),
         }
         return doc
@@ -715,7 +621,7 @@ class Server:
                  + ("" if s.domains or s.rcpthosts_file else
                     " (this host's name; give --domain for your mail domain)")]
         for svc in self.services:
-            addrs = ", ".join(_addresses(svc)) or "(no listeners)"
+            addrs = ", ".join(addresses(svc)) or "(no listeners)"
             lines.append(f"  {svc.name:<12} {addrs}")
         if self.first_run:
             dom = s.local_domains[0]
@@ -755,17 +661,11 @@ def command_name(argv0: str | None = None) -> str:
     return arg
 
 
-def _addresses(svc: Service) -> list[str]:
-    """A service's listener addresses without the service name some put in front."""
-    prefix = f"{svc.name} "
-    return [a[len(prefix):] if a.startswith(prefix) else a for a in svc.listeners()]
-
-
 def _listening(svc: Service) -> list[tuple[str, str]]:
     """(kind, address) of each listener: ``pop3s 127.0.0.1:1995`` of service pop3 is
     kind ``pop3s``; an address without a kind in front is the service's own."""
     out = []
-    for addr in _addresses(svc):
+    for addr in addresses(svc):
         kind, sep, rest = addr.partition(" ")
         if sep and rest and kind.isalnum() and kind[:1].isalpha():
             out.append((kind, rest))

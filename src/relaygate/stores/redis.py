@@ -80,8 +80,8 @@ from redis.sentinel import MasterNotFoundError
 from relaygate.addresses import require_canonical
 from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
-from relaygate.stores import redact_url
 from relaygate.stores.redis_url import HaRedisURL, parse_ha_url
+from relaygate.stores.urls import redact_url
 
 DEFAULT_PREFIX = "relaygate:grant:"
 

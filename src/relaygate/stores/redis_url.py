@@ -59,7 +59,7 @@ class HaRedisURL:
 
 
 def redact(url: str) -> str:
-    from relaygate.stores import redact_url
+    from relaygate.stores.urls import redact_url
 
     return redact_url(url)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relaygate.servers.tcpserver import (
+from relaygate.integrations.qmail.tcpserver import (
     NO_RULE,
     ConnectionRules,
     RulesUnavailable,

@@ -96,9 +96,8 @@ def record(env: MutableMapping[str, str], ip: str, say: Messages) -> None:
         choice = open_store_from_env(env, expiry, say)
         if choice is None:
             return
-        now = time.time()
-        grant = Grant(ip, user_value(env, "USER", say), user_value(env, "DOMAIN", say),
-                      SOURCE, now, now + expiry)
+        grant = Grant.opening(ip, user_value(env, "USER", say), user_value(env, "DOMAIN", say),
+                              SOURCE, time.time(), expiry)
         choice.store.put(grant)
     except (StoreError, ConfigError, ValueError) as exc:
         say.warn(f"Could not record {ip}: {exc}")

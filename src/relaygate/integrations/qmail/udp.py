@@ -145,7 +145,7 @@ class Receiver:
     def _grant(self, ip: str, user: str | None, domain: str | None, now: float,
                peer: str) -> bool:
         try:
-            self.store.put(Grant(ip, user, domain, SOURCE, now, now + self.expiry))
+            self.store.put(Grant.opening(ip, user, domain, SOURCE, now, self.expiry))
         except (StoreError, ValueError) as exc:
             self.say.warn(f"Could not touch '{ip}': {exc}")
             return False

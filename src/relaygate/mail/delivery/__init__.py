@@ -1,0 +1,1 @@
+"""Outbound delivery of queued mail: the worker, routes (MX, smarthost) and DSNs."""

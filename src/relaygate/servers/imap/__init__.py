@@ -1,0 +1,1 @@
+"""The IMAP server: pymap embedded behind relaygate's adapter (:mod:`.service`)."""

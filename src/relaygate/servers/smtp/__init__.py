@@ -1,0 +1,1 @@
+"""The SMTP server: aiosmtpd listeners (:mod:`.service`) and relay control (:mod:`.handler`)."""
