@@ -8,6 +8,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -50,10 +51,18 @@ async def seen() -> asyncio.Queue[tuple[Peer, bytes]]:
 
 async def _listener(seen: asyncio.Queue[tuple[Peer, bytes]], *, timeout: float = 2.0,
                     ssl_context: ssl.SSLContext | None = None) -> Acceptor:
+    wrap = None
+    if ssl_context is not None:
+        from relaygate.servers.listeners import tls_acceptor
+
+        context = ssl_context
+
+        def wrap(make: Any, who: str) -> Any:
+            return tls_acceptor(make, context, "test", 5.0, peer=who)
+
     return await listen_tcp_or_unix(
         "127.0.0.1", 0, None, lambda peer: Recorder(peer, seen), service="test",
-        proxies=ProxyPolicy(Networks([f"{PROXY}/32"]), timeout), ssl_context=ssl_context,
-        ssl_handshake_timeout=5.0)
+        proxies=ProxyPolicy(Networks([f"{PROXY}/32"]), timeout), tls_wrap=wrap)
 
 
 @pytest.fixture

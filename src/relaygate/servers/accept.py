@@ -73,8 +73,6 @@ LISTEN_BACKLOG = 4096
 #: default seconds a trusted proxy has to send its header (Exim's proxy_protocol_timeout
 #: is 3 s; HAProxy sends the header with its connect, so a few seconds is generous)
 DEFAULT_PROXY_TIMEOUT = 5.0
-#: seconds an implicit-TLS handshake may take when the listener gives no timeout
-TLS_HANDSHAKE_TIMEOUT = 30.0
 #: seconds a listener pauses after running out of descriptors (asyncio's own value)
 ACCEPT_RETRY_DELAY = 1.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -352,11 +350,11 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Non
 
 async def listen_tcp_or_unix(
     host: str | None, port: int | None, path: str | None, factory: ProtocolFactory, *,
-    service: str, proxies: ProxyPolicy = NO_PROXIES, ssl_context: ssl.SSLContext | None = None,
-    ssl_handshake_timeout: float | None = None, sock: socket.socket | None = None,
-    backlog: int = LISTEN_BACKLOG,
+    service: str, proxies: ProxyPolicy = NO_PROXIES, tls_wrap: TlsWrap | None = None,
+    sock: socket.socket | None = None, backlog: int = LISTEN_BACKLOG,
 ) -> Acceptor:
-    """Bind (or take ``sock``), start accepting, return the Listener."""
+    """Bind (or take ``sock``), start accepting, return the Acceptor (services bind
+    through :class:`relaygate.servers.listeners.Listener`, which does the same)."""
     if sock is not None:
         sockets = [sock]
         sock.setblocking(False)
@@ -365,18 +363,7 @@ async def listen_tcp_or_unix(
     else:
         assert port is not None
         sockets = bind_tcp(host, port, backlog=backlog)
-    wrap: TlsWrap | None = None
-    if ssl_context is not None:
-        from relaygate.servers.listeners import tls_acceptor
-
-        context = ssl_context
-        timeout = ssl_handshake_timeout or TLS_HANDSHAKE_TIMEOUT
-
-        def wrap(factory: Callable[[], asyncio.BaseProtocol],
-                 who: str) -> Callable[[], asyncio.BaseProtocol]:
-            return tls_acceptor(factory, context, service, timeout, peer=who)
-
-    listener = Acceptor(sockets, factory, service=service, proxies=proxies, tls_wrap=wrap)
+    listener = Acceptor(sockets, factory, service=service, proxies=proxies, tls_wrap=tls_wrap)
     listener.start()
     return listener
 
