@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from relaygate.servers.accept import Peer
 from relaygate.servers.listeners import Listen, Listener, resolves_to_loopback
 from relaygate.statuspage import SECURITY_HEADERS, DecisionRate, counter_totals, render
 
@@ -145,7 +146,8 @@ class MetricsService:
         await self._listener.wait_closed(min(grace, 2.0))
         self._listener = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      peer: Peer) -> None:
         if self._open >= MAX_CONNECTIONS:
             writer.close()
             return
