@@ -411,7 +411,9 @@ class Pop3Service:
         doomed = [session.messages[i] for i in ev.deleted]
 
         def remove() -> int:
-            return sum(0 if mailbox.delete(m) else 1 for m in doomed)
+            gone = [m for m in doomed if mailbox.delete(m)]
+            mailbox.forget(gone)  # IMAP's UIDs of the deleted go with them
+            return len(doomed) - len(gone)
 
         failed = await asyncio.shield(asyncio.to_thread(remove))
         event("pop3.update", user=session.user, deleted=len(doomed),
