@@ -201,6 +201,7 @@ class Folder(MailboxData):
         self._plan: dict[str, int] = {}
         self._plan_order: list[str] = []
         self._buffer: dict[str, MessageContent | None] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
 
     @property
     def index(self) -> Index:
@@ -318,8 +319,27 @@ class Folder(MailboxData):
         self._plan = {key: i for i, key in enumerate(self._plan_order)}
 
     async def content_of(self, key: str) -> MessageContent | None:
-        if key in self._buffer:
-            return self._buffer.pop(key)
+        """The parsed content of a message, None if it is gone.
+
+        Read in batches of about :data:`READ_AHEAD_BYTES` in a thread; while the
+        loop sends one batch, the next one (in the planned order) is read.
+        """
+        if key not in self._buffer:
+            task = self._inflight.get(key)
+            if task is None:
+                task = self._start_batch(key)
+            if task is not None:
+                await task
+        content = self._buffer.pop(key, None)
+        pos = self._plan.get(key)
+        if pos is not None and not self._inflight:
+            for later in self._plan_order[pos + 1:]:
+                if later not in self._buffer:
+                    self._start_batch(later)
+                    break
+        return content
+
+    def _start_batch(self, key: str) -> asyncio.Task[None] | None:
         files = self._index.files
         meta = files.get(key)
         if meta is None:
@@ -332,13 +352,26 @@ class Folder(MailboxData):
                 if total >= READ_AHEAD_BYTES:
                     break
                 nxt = files.get(later)
-                if nxt is None or later in self._buffer:
+                if nxt is None or later in self._buffer or later in self._inflight:
                     continue
                 batch.append((later, nxt))
                 total += nxt.size
-        self._buffer.update(await asyncio.to_thread(_load_batch, str(self.maildir.root),
-                                                    batch))
-        return self._buffer.pop(key, None)
+        task = asyncio.ensure_future(self._load(batch))
+        for k, _ in batch:
+            self._inflight[k] = task
+        return task
+
+    async def _load(self, batch: list[tuple[str, FileMeta]]) -> None:
+        try:
+            found = await asyncio.to_thread(_load_batch, str(self.maildir.root), batch)
+        except OSError as exc:
+            log.warning("cannot read messages in %s: %s", self.maildir.root, exc)
+            found = {}
+        finally:
+            for k, _ in batch:
+                self._inflight.pop(k, None)
+        for k, _ in batch:
+            self._buffer[k] = found.get(k)
 
     async def update_selected(self, selected: SelectedMailbox, *,
                               wait_on: Event | None = None) -> SelectedMailbox:
