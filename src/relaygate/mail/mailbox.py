@@ -266,16 +266,6 @@ class MaildirMailbox:
             return False
         return True
 
-    def forget(self, messages: list[Message]) -> None:
-        """Drop deleted messages' entries from the IMAP UID list (``dovecot-uidlist``),
-        so IMAP and POP3 agree on what is left and the list does not grow forever."""
-        from relaygate.mail.uidlist import forget  # uidlist orders by delivery_order
-
-        try:
-            forget(str(self.path), [m.name for m in messages])
-        except (OSError, ValueError) as exc:
-            log.warning("cannot update %s/dovecot-uidlist: %s", self.path, exc)
-
 
 _held: set[str] = set()
 _held_lock = threading.Lock()

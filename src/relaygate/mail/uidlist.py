@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -37,6 +38,8 @@ LOCK_STALE = 600.0
 #: how long a writer waits for another's lock before giving up (seconds)
 LOCK_WAIT = 30.0
 COLON = ":"
+
+log = logging.getLogger("relaygate.mailbox")
 
 
 class IndexLockTimeout(TimeoutError):
@@ -241,6 +244,15 @@ def forget(path: str, keys: Collection[str]) -> None:
             if rec.key in wanted:
                 uidl.remove(rec.uid)
         _commit(path, uidl, fd)
+
+
+def forget_deleted(path: str, keys: Collection[str]) -> None:
+    """:func:`forget` for POP3 at QUIT: a failure is logged, never raised (the
+    messages are gone; the next IMAP SELECT prunes what is left)."""
+    try:
+        forget(path, keys)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot update %s: %s", UidList.get_file(path), exc)
 
 
 def read_messages(root: str, metas: list[tuple[str, FileMeta]]) -> dict[str, bytes | None]:

@@ -56,6 +56,7 @@ from relaygate.mail.mailbox import (
     SizeCache,
     lock_mailbox,
 )
+from relaygate.mail.uidlist import forget_deleted
 from relaygate.protocols.pop3 import (
     ApopLogin,
     Close,
@@ -418,7 +419,7 @@ class Pop3Service:
 
         def remove() -> int:
             gone = [m for m in doomed if mailbox.delete(m)]
-            mailbox.forget(gone)  # IMAP's UIDs of the deleted go with them
+            forget_deleted(str(mailbox.path), [m.name for m in gone])  # and their IMAP UIDs
             return len(doomed) - len(gone)
 
         failed = await asyncio.shield(asyncio.to_thread(remove))
