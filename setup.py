@@ -1,9 +1,10 @@
 """Build hook: install the qmail chain programs as scripts that start Python with -I -S.
 
-Everything else about the package is in pyproject.toml. This file exists for
-one reason: ``relay-ctrl-check`` runs once per SMTP connection, and a
-console-script wrapper (``[project.scripts]``) costs the ``site`` machinery
-and ``re`` on every run (about twice the start-up of a bare interpreter).
+Everything else about the package is in pyproject.toml, except the manual
+pages (``data_files``, at the end). This file exists mainly for one reason:
+``relay-ctrl-check`` runs once per SMTP connection, and a console-script
+wrapper (``[project.scripts]``) costs the ``site`` machinery and ``re`` on
+every run (about twice the start-up of a bare interpreter).
 So the ``relay-ctrl-*`` programs are plain scripts whose first line names
 the interpreter that builds them (pip runs the build with the target
 environment's interpreter) with ``-IS``, and which put the package's
@@ -26,6 +27,7 @@ import sys
 import sysconfig
 
 from setuptools import setup
+from setuptools.dist import Distribution as _Distribution
 
 from distutils.command.build_scripts import build_scripts  # isort: skip  (after setuptools)
 
@@ -73,8 +75,25 @@ class BuildChainScripts(build_scripts):  # type: ignore[misc]
         return outfiles, outfiles
 
 
+#: the manual pages, generated from the --help texts (``python -m relaygate.manpages man/man8``;
+#: a test keeps them current) and installed into ``<prefix>/share/man/man8``
+MAN_PAGES = sorted(os.path.join("man", "man8", name)
+                   for name in os.listdir(os.path.join(HERE, "man", "man8"))
+                   if name.endswith(".8"))
+
+class Distribution(_Distribution):  # type: ignore[misc]
+    """setuptools' editable_wheel installs data files only when the distribution has a
+    ``has_data()`` (it has ``has_data_files()``), so ``pip install -e .`` would leave the
+    manual pages out; this answers the question it asks."""
+
+    def has_data(self) -> bool:
+        return bool(self.has_data_files())
+
+
 setup(
+    distclass=Distribution,
     scripts=[os.path.join(SCRIPT_DIR, name) for name in CHAIN_PROGRAMS],
+    data_files=[("share/man/man8", MAN_PAGES)],
     cmdclass={"build_scripts": BuildChainScripts},
     # the templates are build input, not package data
     exclude_package_data={"relaygate.integrations.qmail.scripts": ["*"],

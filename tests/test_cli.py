@@ -163,3 +163,16 @@ def test_read_only_commands_never_create_an_explicit_store(tmp_path: Path) -> No
                            env=e, cwd=tmp_path, timeout=60)
         assert r.returncode == 111 and str(path) in r.stderr
         assert not path.exists()
+
+
+def test_shell_completion_as_the_readme_documents_it() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert '"$(_RELAYGATE_COMPLETE=bash_source relaygate)"' in readme
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
+    script = subprocess.run([*RELAYGATE], env={**e, "_RELAYGATE_COMPLETE": "bash_source"},
+                            capture_output=True, text=True, timeout=60)
+    assert "complete -o nosort -F _relaygate_completion relaygate" in script.stdout
+    done = subprocess.run([*RELAYGATE], capture_output=True, text=True, timeout=60,
+                          env={**e, "_RELAYGATE_COMPLETE": "bash_complete",
+                               "COMP_WORDS": "relaygate qu", "COMP_CWORD": "1"})
+    assert "plain,queue" in done.stdout.splitlines()

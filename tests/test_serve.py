@@ -514,3 +514,55 @@ def test_listening_events_name_each_listener_kind() -> None:
     assert serve_mod._listening(Svc()) == [  # type: ignore[arg-type]
         ("pop3", "127.0.0.1:1110"), ("pop3s", "127.0.0.1:1995"), ("pop3", "[::1]:1110"),
         ("pop3", "unix:/run/x.sock")]
+
+
+def test_start_up_warns_about_mailboxes_outside_the_local_domains(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # README's rules example without --domain: the host name is the one local domain, and
+    # mail to alice@example.org would be relayed to example.org's MX (issue 17 point 4).
+    from relaygate.mail.directory import Account
+
+    directory = StaticDirectory()
+    directory.add(Account("alice@example.org", "example.org", tmp_path / "m1",
+                          ("alice@example.org", "a.l@example.org")), "pw")
+    directory.add(Account("bob", "sub.example.net", tmp_path / "m2"), "pw")
+    for domains, warned in (((), True), (("example.org", "sub.example.net"), False)):
+        caplog.clear()
+        settings = _settings(tmp_path, domains=domains)
+        server = Server(settings, factories=[], open_directory=lambda s: directory,
+                        open_queue=lambda s: None, install_signals=False, setup_log=False,
+                        announce=lambda text: None)
+        with caplog.at_level("WARNING"):
+            server.build_context()
+        server.close()
+        text = " ".join(r.getMessage() for r in caplog.records)
+        assert ("outside the local domains (test.example)" in text) is warned, text
+        if warned:
+            assert "a.l@example.org, alice@example.org, bob@sub.example.net" in text
+            assert "--domain example.org --domain sub.example.net" in text
+
+
+def test_first_run_banner_names_the_command_as_the_user_ran_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    prog = venv_bin / "relaygate"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert serve_mod.command_name(".venv/bin/relaygate") == ".venv/bin/relaygate"
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
+    assert serve_mod.command_name(".venv/bin/relaygate") == "relaygate"
+    assert serve_mod.command_name("/x/relaygate/__main__.py").endswith(" -m relaygate")
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(sys, "argv", [".venv/bin/relaygate", "serve"])
+    shown: list[str] = []
+    server = Server(_settings(tmp_path, data_dir=Path("relaygate-data")), factories=[],
+                    open_directory=lambda s: StaticDirectory(), open_queue=lambda s: None,
+                    install_signals=False, setup_log=False, announce=shown.append)
+    server.first_run = True
+    server._banner()
+    assert "    .venv/bin/relaygate users add alice@test.example" in shown[0]
+    assert "local domains: test.example (this host's name; give --domain" in shown[0]

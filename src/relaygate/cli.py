@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "relaygate.commands.postfix_dovecot:doctor",
     "smtpd": "relaygate.commands.smtpd:smtpd",
     "queue": "relaygate.commands.queue:queue",
+    "report": "relaygate.commands.report:report",
     "users": "relaygate.commands.users:users",
     "pop3d": "relaygate.commands.pop3d:pop3d",
     "imapd": "relaygate.commands.imapd:imapd",

@@ -50,7 +50,8 @@ DESCRIPTIONS: dict[str, str] = {
     "user": "serve: after binding the listeners as root, run as this user.",
     "group": "serve: group to run as (default: the user's primary group).",
     "age_interval": "serve: seconds between removals of expired windows.",
-    "shutdown_grace": "serve: seconds transactions in flight may take to finish after SIGTERM.",
+    "shutdown_grace": "serve and every service command: seconds transactions in flight may take "
+                      "to finish after SIGTERM.",
     "tls.cert": "PEM certificate chain; enables STARTTLS/STLS and the implicit-TLS listeners "
                 "(reloaded on SIGHUP).",
     "tls.key": "PEM private key for tls.cert (reloaded on SIGHUP).",

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from relaygate.interfaces import Directory
     from relaygate.mail.queue import Queue
     from relaygate.metrics import Metrics
+    from relaygate.relaystats import RelayStats
 
 
 @dataclass
@@ -32,3 +33,6 @@ class Context:
     queue: Queue | None = None
     #: the server TLS context every service shares (``servers.listeners.tls_context_of``)
     ssl_context: ssl.SSLContext | None = None
+    #: relayed-message counts (``relaystats.count_relayed``): None until first used,
+    #: False when the data directory has no place for them
+    relay_stats: RelayStats | bool | None = None  # for_data_dir's answer, once asked

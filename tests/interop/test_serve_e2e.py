@@ -362,3 +362,41 @@ def test_tls_certificate_reloaded_on_sighup(tmp_path: Path) -> None:
     finally:
         rc = s.stop()
     assert rc == 0, s.log()
+
+
+def _shape(line: str) -> tuple[str, ...]:
+    """A log line's event (with a level word before it) and its keys, in order."""
+    import re
+
+    text = re.sub(r"^relaygate\[\d+\]: ", "", line)
+    words = re.findall(r'(\w[\w.]*)=("(?:[^"\\]|\\.)*"|\S*)|(\S+)', text)
+    head = tuple(w[2] for w in words[:2] if w[2])
+    return head + tuple(w[0] for w in words if w[0])
+
+
+def test_the_log_lines_in_docs_deploy_are_real(serve: Serve, sink: Sink) -> None:
+    # docs/deploy.md shows what serve logs; every sample line must have the event and keys,
+    # in order, of a line this serve really wrote (issue 17: the samples had drifted).
+    src = "127.0.0.6"
+    assert not pop3_login(src, "127.0.0.1", serve.ports["pop3"], "alice", "wrong")
+    assert pop3_login(src, "127.0.0.1", serve.ports["pop3"], "alice", PASSWORD)
+    marker = _marker()
+    assert try_relay(src, "127.0.0.1", serve.ports["smtp"], body=marker)[0] == 250
+    sink.wait_for(marker)
+    with smtp("127.0.0.7", "127.0.0.1", serve.ports["smtp"]) as c:
+        c.mail("someone@example.com")
+        assert c.rcpt("alice@example.org")[0] == 250
+        assert c.data("Subject: local\r\n\r\nhello\r\n")[0] == 250
+    assert try_relay("127.0.0.8", "127.0.0.1", serve.ports["smtp"])[0] == 553
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    block = doc.split("#### Logs", 1)[1].split("```", 2)[1]
+    samples = [line for line in block.splitlines() if line.startswith("relaygate[")]
+    assert len(samples) >= 8
+    deadline = time.monotonic() + 10
+    while True:
+        real = {_shape(line) for line in serve.log().splitlines()}
+        missing = [s for s in samples if _shape(s) not in real]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not missing, (missing, sorted(real))

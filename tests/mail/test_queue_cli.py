@@ -17,6 +17,7 @@ from .test_queue_helpers import message
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
     return tmp_path / "data"
 
 
@@ -25,6 +26,14 @@ def cli(data_dir: Path, *args: str, config: Path | None = None):
     if config is not None:
         pre = ["--config", str(config), *pre]
     return CliRunner().invoke(main, [*pre, "queue", *args], catch_exceptions=False)
+
+
+def test_list_never_invents_a_data_directory(tmp_path: Path) -> None:
+    from relaygate.errors import ConfigError
+
+    r = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "none"), "queue", "list"])
+    assert isinstance(r.exception, ConfigError) and "no data directory" in str(r.exception)
+    assert not (tmp_path / "none").exists()
 
 
 def test_list_empty(data_dir: Path) -> None:

@@ -463,6 +463,10 @@ def test_every_server_login_opens_a_window(name: str, tag: str, pid: str | None,
         assert [(e.ip, e.user, e.service) for e in got] == [(ip, user, service)], lines
         if "@" in user:
             assert got[0].domain == user.rpartition("@")[2]
+    # a one-line login needs no pid: "name:" as well as "name[pid]:"
+    if pid and len(messages) == 1:
+        for line in header_forms(tag, None, messages[0], name):
+            assert [(e.ip, e.user) for e in run_lines([line])] == [(ip, user)], line
     # journald entries of the same messages (SYSLOG_IDENTIFIER / SYSLOG_PID)
     if not name.endswith("solaris"):
         tracker = LoginTracker(refresh_every=450)

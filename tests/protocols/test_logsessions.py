@@ -282,3 +282,24 @@ def test_max_session_setting() -> None:
     assert load_settings(cli={"logwatch.max_session": "0"}).logwatch.max_session == 0
     with pytest.raises(ConfigError, match="max_session"):
         load_settings(cli={"logwatch.max_session": "-1"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=300),
+                          st.sampled_from([m.format(u="u", ip="192.0.2.9", pid="3").encode()
+                                           for _, _, ms in SHAPES for m in ms])),
+                max_size=20),
+       st.sampled_from(["auto", "syslog", "dovecot-log", "qpopper-log", "apple-log",
+                        "journal-export"]))
+def test_random_bytes_never_crash_the_watcher(chunks: list[bytes], fmt: str) -> None:
+    # the watcher's own path: bytes -> decoder -> tracker -> handler, in any format
+    from relaygate.integrations.logwatch import LogWatcher, _Decoder
+
+    got: list[LoginEvent] = []
+    w = LogWatcher([], M, got.append, fmt=fmt, refresh_every=1, clock=lambda: 0.0)
+    decoder = _Decoder(M, fmt)
+    for chunk in chunks:
+        w._dispatch(decoder.feed(chunk + b"\n"))
+    w.refresh()
+    for ev in got:
+        assert parse_ip(ev.ip) == ev.ip

@@ -297,3 +297,29 @@ def test_bad_settings() -> None:
         build(socket_mode="rw-rw----")
     with pytest.raises(ConfigError, match="group"):
         build(socket_group="no-such-group-relaygate")
+
+
+async def test_ok_answers_counted_for_the_migration_report(tmp_path: Path) -> None:
+    from relaygate.relaystats import RelayStats, read_report
+
+    store = MemoryStore()
+    now = time.time()
+    store.put(Grant("127.0.0.3", "alice", "example.org", "pop3", now, now + 600))
+    settings = Settings(data_dir=tmp_path, policy=PolicySettings(listen=("127.0.0.1:0",)))
+    from relaygate.rules import RuleSet
+
+    ctx = Context(settings, RelayControl(store, RuleSet.parse('127.0.0.9:allow,RELAYCLIENT=""'),
+                                         expiry=600), Metrics())
+    service = make_service(ctx)
+    await service.start()
+    try:
+        got = await ask(port_of(service), request("127.0.0.3") + request("127.0.0.3")
+                        + request("127.0.0.9") + request("127.0.0.4"))
+        assert got.count(b"action=OK") == 3
+    finally:
+        await service.stop(1)
+    assert isinstance(ctx.relay_stats, RelayStats)
+    ctx.relay_stats.flush()
+    assert {u.account: u.counts for u in read_report(tmp_path)} == {
+        "alice": {"window": 2, "auth": 0, "rule": 0},
+        "[127.0.0.9]": {"window": 0, "auth": 0, "rule": 1}}

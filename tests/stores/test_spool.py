@@ -444,3 +444,24 @@ def test_import_stays_small() -> None:
     extra = {m for m in out if not m.startswith("relaygate")}
     assert extra <= {"_socket", "errno", "stat", "time", "__future__"}, extra
     assert "relaygate.stores.base" not in out
+
+
+def test_world_writable_warning_once_and_tagged(spool: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    os.chmod(spool, 0o777)
+    SpoolStore._warned.discard(str(spool))
+    with caplog.at_level(logging.WARNING, logger="relaygate.stores.spool"):
+        SpoolStore(spool)
+        SpoolStore(spool)  # serve and policyd open their store again, e.g. on reload
+    assert sum("world-writable" in r.getMessage() for r in caplog.records) == 1
+    # a command without logging set up still says who speaks
+    import subprocess
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAYGATE_")}
+    r = subprocess.run([sys.executable, "-m", "relaygate", "--store", f"spool://{spool}",
+                        "list"], capture_output=True, text=True, env=e, timeout=60)
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "world-writable" in line]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"relaygate: warning: spool directory {spool} is world-writable (mode 0777)")

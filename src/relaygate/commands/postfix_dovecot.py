@@ -368,14 +368,54 @@ def doctor_postfix(ctx: click.Context, config_dir: str | None, policies: tuple[s
         ctx.exit(EXIT_TEMPFAIL)
     where = config_dir or "Postfix's default configuration"
     click.echo(f"Postfix {report.version}, {where}")
-    for name in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions"):
+    for name in ("smtpd_relay_restrictions", "smtpd_recipient_restrictions", "mynetworks"):
         click.echo(f"  {name} = {report.values.get(name, '')}")
     for f in report.findings:
         click.echo(f"{f.level}: {f.message}")
     if report.problems:
         click.echo(f"{len(report.problems)} problem(s); see docs/postfix-dovecot.md", err=True)
         ctx.exit(1)
-    click.echo("relaygate's policy is in place")
+    warnings = sum(1 for f in report.findings if f.level == "warning")
+    click.echo("relaygate's policy is in place"
+               + (f" ({warnings} warning(s) above)" if warnings else ""))
+
+
+@doctor.command("dovecot")
+@click.option("-c", "--config-file", type=click.Path(dir_okay=False),
+              help="Dovecot configuration file (doveconf -c; default Dovecot's own).")
+@click.option("--doveconf", default="doveconf", show_default=True, help="doveconf program.")
+@click.pass_context
+def doctor_dovecot(ctx: click.Context, config_file: str | None, doveconf: str) -> None:
+    """Check that Dovecot's POP3/IMAP logins run relaygate's post-login hook.
+
+    Reads the services with doveconf and reports, for each protocol Dovecot
+    serves: a missing or foreign post-login service; a hook program the
+    service's user cannot execute (a virtualenv under /root: Dovecot then
+    refuses every login); a store (--store, --data-dir or --config on the
+    hook's command line) that user cannot write. The last two are tested as
+    that user, so run it as root. Exit 0 when all is well, 1 when there is a
+    problem, 111 when doveconf cannot be run.
+    """
+    from relaygate.integrations.dovecot_doctor import DoctorError, diagnose
+
+    try:
+        report = diagnose(config_file=config_file, doveconf=doveconf)
+    except DoctorError as exc:
+        click.echo(f"relaygate doctor dovecot: {exc}", err=True)
+        ctx.exit(EXIT_TEMPFAIL)
+        return
+    where = config_file or "Dovecot's default configuration"
+    click.echo(f"Dovecot {report.version}, {where}")
+    click.echo(f"  protocols = {' '.join(report.protocols)}")
+    for name, svc in report.hooks.items():
+        click.echo(f"  service {name}: executable = {svc.get('executable', '')}; "
+                   f"user = {svc.get('user', '')}; extra_groups = {svc.get('extra_groups', '')}")
+    for f in report.findings:
+        click.echo(f"{f.level}: {f.message}")
+    if report.problems:
+        click.echo(f"{len(report.problems)} problem(s); see docs/postfix-dovecot.md", err=True)
+        ctx.exit(1)
+    click.echo("Dovecot's logins open relay windows")
 
 
 @doctor.command("exim")

@@ -44,7 +44,14 @@ log = logging.getLogger("relaygate.queue")
 
 
 def _open(ctx: click.Context) -> tuple[Settings, Queue]:
+    """The queue of an existing data directory (never invented: see ``relaygate list``)."""
     settings = settings_from(ctx)
+    if not settings.data_dir.is_dir():
+        from relaygate.errors import ConfigError
+
+        raise ConfigError(f"no data directory: {settings.data_dir.absolute()} does not exist; "
+                          "give --data-dir or --config (or $RELAYGATE_DATA_DIR) for the one "
+                          "serve uses")
     return settings, Queue(settings.data_dir / "queue")
 
 

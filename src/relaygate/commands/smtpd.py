@@ -124,6 +124,9 @@ def _context(settings: Any, *, control: Any = None) -> Any:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory, queue = _open_parts(settings)
+    from relaygate.mail.rcpthosts import warn_addresses_outside
+
+    warn_addresses_outside(settings, directory)
     return Context(settings, control or build_control(settings), Metrics(), directory, queue)
 
 

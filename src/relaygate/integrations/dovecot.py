@@ -160,7 +160,9 @@ def record(opts: Mapping[str, Any], environ: Mapping[str, str]) -> str:
     from relaygate.grants import Grant
     from relaygate.stores import open_store
 
-    store = open_store(store_url, expiry=expiry)
+    # No world-writable warning here: it would fill Dovecot's log once per login (policyd,
+    # serve and `relaygate doctor dovecot` report it).
+    store = open_store(store_url, expiry=expiry, warn=False)
     try:
         store.put(Grant.opening(ip, user, domain, "dovecot", time.time(), expiry))
     finally:

@@ -252,6 +252,99 @@ def check_lists(relay: str, rcpt: str, expected: Sequence[str], *, queue_directo
     return findings
 
 
+def host_addresses() -> set[str]:
+    """This host's own addresses: loopback, its interfaces (Linux), its name's addresses."""
+    import ipaddress
+
+    out = {"127.0.0.1", "::1"}
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            out.add(str(info[4][0]))
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                out.add(str(ipaddress.IPv6Address(int(hexaddr, 16))))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import fcntl
+        import struct
+
+        siocgifaddr = 0x8915
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(sock.fileno(), siocgifaddr,
+                                         struct.pack("256s", name[:15].encode()))
+                except OSError:
+                    continue
+                out.add(socket.inet_ntoa(packed[20:24]))
+    except (OSError, ImportError):
+        pass
+    return out
+
+
+def check_mynetworks(relay: str, rcpt: str, mynetworks: str, expected: Sequence[str], *,
+                     queue_directory: str, own: set[str] | None = None,
+                     where: str = "main.cf") -> list[Finding]:
+    """Warn when ``permit_mynetworks`` comes before the policy and mynetworks is wider
+    than this host: every client in it relays without a window (and without relaygate
+    being asked)."""
+    import ipaddress
+
+    wanted = {normalize_endpoint(e, queue_directory) for e in expected}
+    before: list[str] = []
+    for name, value in ((RELAY_LIST, relay), (RCPT_LIST, rcpt)):
+        rs = parse_restrictions(value)
+        ours = next((i for i, r in enumerate(rs) if r.name == "check_policy_service" and r.args
+                     and normalize_endpoint(r.args[0], queue_directory) in wanted), None)
+        gate = next((i for i, r in enumerate(rs) if r.name in GATES), len(rs))
+        mine = next((i for i, r in enumerate(rs) if r.name == "permit_mynetworks"), None)
+        if mine is not None and mine < gate and (ours is None or mine < ours):
+            before.append(name)
+    if not before:
+        return []
+    own = host_addresses() if own is None else own
+    wider: list[str] = []
+    unknown: list[str] = []
+    for token in mynetworks.replace(",", " ").split():
+        try:
+            net = ipaddress.ip_network(token.replace("[", "").replace("]", ""), strict=False)
+        except ValueError:
+            unknown.append(token)  # a file or a lookup table
+            continue
+        if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped \
+                and net.prefixlen >= 96:
+            net = ipaddress.ip_network(
+                f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}", strict=False)
+        if net.is_loopback:
+            continue
+        if net.num_addresses == 1 and str(net.network_address) in own:
+            continue
+        wider.append(token)
+    lists = " and ".join(before)
+    findings: list[Finding] = []
+    if wider:
+        findings.append(Finding("warning", (
+            f"{where}: {lists}: permit_mynetworks comes before relaygate's policy, and "
+            f"mynetworks is wider than this host ({', '.join(wider)}): every client there "
+            f"relays without a window and relaygate is never asked; narrow mynetworks "
+            f"(e.g. mynetworks = 127.0.0.0/8 [::1]/128) or move permit_mynetworks after "
+            f"the policy")))
+    else:
+        findings.append(Finding("ok", (
+            f"{where}: {lists}: permit_mynetworks comes before relaygate's policy; "
+            f"mynetworks covers only this host")))
+    if unknown:
+        findings.append(Finding("warning", (
+            f"{where}: mynetworks entries not checked (files or lookup tables): "
+            f"{', '.join(unknown)}")))
+    return findings
+
+
 def _same(a: str, b: str) -> bool:
     return [str(r) for r in parse_restrictions(a)] == [str(r) for r in parse_restrictions(b)]
 
@@ -296,7 +389,8 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT) -> str:
 def diagnose(*, config_dir: str | None = None, expected: Sequence[str] = ("127.0.0.1:10040",),
              postconf: str = "postconf", do_probe: bool = False) -> Report:
     """Read the configuration with postconf and check where the policy sits."""
-    names = [RELAY_LIST, RCPT_LIST, *OTHER_LISTS, "mail_version", "queue_directory"]
+    names = [RELAY_LIST, RCPT_LIST, *OTHER_LISTS, "mail_version", "queue_directory",
+             "mynetworks"]
     values = _parse_assignments(run_postconf(["-x", *names], config_dir=config_dir,
                                              postconf=postconf))
     version = values.get("mail_version", "?")
@@ -310,6 +404,9 @@ def diagnose(*, config_dir: str | None = None, expected: Sequence[str] = ("127.0
     others = {n: values.get(n, "") for n in OTHER_LISTS}
     report.findings += check_lists(relay, values.get(RCPT_LIST, ""), expected,
                                    queue_directory=queue_dir, others=others)
+    report.findings += check_mynetworks(relay, values.get(RCPT_LIST, ""),
+                                        values.get("mynetworks", ""), expected,
+                                        queue_directory=queue_dir)
 
     # master.cf: smtpd services that override the lists (postconf -P, Postfix >= 2.11).
     try:

@@ -22,6 +22,9 @@ class StaticDirectory:
     def add(self, account: Account, password: str) -> None:
         self.accounts[account.login.lower()] = (account, password)
 
+    def list(self) -> list[Account]:
+        return [account for account, _ in self.accounts.values()]
+
     def find_account(self, login: str) -> Account | None:
         entry = self.accounts.get(login.lower())
         return entry[0] if entry is not None else None

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relaygate.errors import ConfigError
 from relaygate.protocols.smtp_address import AddressError, canonical_domain
@@ -156,3 +156,52 @@ def _lines(text: str, source: str = "<rcpthosts>") -> list[tuple[int, str]]:
             raise ConfigError("line too long", source=source, line=lineno)
         out.append((lineno, line))
     return out
+
+
+def addresses_outside(accounts: Iterable[Any], hosts: RcptHosts) -> dict[str, list[str]]:
+    """Mailbox addresses whose domain is not local, by domain (sorted).
+
+    Mail to such an address is not delivered to the mailbox: the SMTP server
+    treats it as remote and relays it (for a client that may relay) to the
+    domain's MX. That is the trap of running ``serve`` without ``--domain``:
+    the host name becomes the one local domain.
+    """
+    out: dict[str, set[str]] = {}
+    for account in accounts:
+        for address in (account.primary_address, *account.addresses):
+            domain = address.rpartition("@")[2]
+            if domain and not hosts.is_local(domain):
+                out.setdefault(domain.lower(), set()).add(address)
+    return {d: sorted(a) for d, a in sorted(out.items())}
+
+
+#: how many addresses the start-up warning names (the count says the rest)
+_SHOWN_ADDRESSES = 3
+
+
+def warn_addresses_outside(settings: Settings, directory: Any) -> dict[str, list[str]]:
+    """Log one warning when the user database has addresses outside the local domains.
+
+    Called by the SMTP servers at start-up; returns what it found (tests).
+    """
+    lister = getattr(directory, "list", None)
+    if not callable(lister):
+        return {}
+    hosts = RcptHosts.from_settings(settings)
+    found = addresses_outside(lister(), hosts)
+    if found:
+        import logging
+
+        addresses = [a for group in found.values() for a in group]
+        shown = ", ".join(addresses[:_SHOWN_ADDRESSES])
+        more = len(addresses) - _SHOWN_ADDRESSES
+        if more > 0:
+            shown += f" and {more} more"
+        local = ", ".join(sorted(hosts.exact | {f".{p}" for p in hosts.parents})) or "none"
+        wanted = " ".join(f"--domain {d}" for d in found)
+        logging.getLogger("relaygate.smtp").warning(
+            "the user database has addresses outside the local domains (%s): %s; mail to "
+            "them is not delivered here but relayed to their domain's MX; make them local "
+            "with %s (or domains = [...] in the configuration, or an rcpthosts file)",
+            local, shown, wanted)
+    return found

@@ -92,6 +92,7 @@ from relaygate.protocols.policy import (
     format_answer,
     triage,
 )
+from relaygate.relaystats import count_relayed
 from relaygate.servers.listeners import LISTEN_BACKLOG, Listen, Listener, parse_listen
 from relaygate.stores.base import GrantStore
 from relaygate.stores.sqlite import SqliteReader, SqliteStore
@@ -252,6 +253,7 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         self._send(format_answer(action))
         verdict = decision.verdict
         if verdict is Verdict.ALLOW:
+            count_relayed(self.service.ctx, decision.kind, decision.user, ip)
             if _EVENTS.isEnabledFor(logging.INFO):
                 event("relay.decision", service="policy", ip=ip, action=action,
                       reason=decision.reason, user=decision.user)

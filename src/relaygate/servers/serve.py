@@ -409,6 +409,9 @@ class Server:
         self._probe_store(control.store)
         metrics = Metrics()
         directory = self._open_directory(s)
+        from relaygate.mail.rcpthosts import warn_addresses_outside
+
+        warn_addresses_outside(s, directory)
         queue = self._open_queue(s)
         return Context(s, control, metrics, directory, queue, ssl_context=self.ssl_context)
 
@@ -614,7 +617,9 @@ class Server:
             return
         lines = [f"relaygate serve (pid {os.getpid()}): data directory "
                  f"{s.data_dir.absolute()}, store {redact_url(s.store_url)}",
-                 f"local domains: {', '.join(s.local_domains)}"]
+                 f"local domains: {', '.join(s.local_domains)}"
+                 + ("" if s.domains or s.rcpthosts_file else
+                    " (this host's name; give --domain for your mail domain)")]
         for svc in self.services:
             addrs = ", ".join(addresses(svc)) or "(no listeners)"
             lines.append(f"  {svc.name:<12} {addrs}")
@@ -627,11 +632,33 @@ class Server:
                 "Nothing may relay yet, not even this host: a POP3 or IMAP login opens a relay",
                 "window for the client's address; SMTP AUTH lets one session relay.",
                 "Next step, add a mailbox (the password is read from the terminal or stdin):",
-                f"    relaygate{dd} users add alice@{dom}",
+                f"    {command_name()}{dd} users add alice@{dom}",
                 "To let this host itself relay, put this line in a rules file and pass --rules:",
                 '    127.0.0.1:allow,RELAYCLIENT=""',
             ]
         self._announce("\n".join(lines))
+
+
+def command_name(argv0: str | None = None) -> str:
+    """How the user started relaygate, for commands a message suggests.
+
+    ``relaygate`` when that name on $PATH is this program; else the path as
+    typed (``.venv/bin/relaygate`` after ``pip install`` in a venv that is
+    not activated); ``python3 -m relaygate`` for the module form.
+    """
+    import shutil
+
+    arg = sys.argv[0] if argv0 is None else argv0
+    base = os.path.basename(arg)
+    if base == "__main__.py":
+        return f"{os.path.basename(sys.executable) or 'python3'} -m relaygate"
+    if base != "relaygate" or os.sep not in arg:
+        return "relaygate"
+    found = shutil.which("relaygate")
+    with contextlib.suppress(OSError):
+        if found and os.path.samefile(found, arg):
+            return "relaygate"
+    return arg
 
 
 def _listening(svc: Service) -> list[tuple[str, str]]:

@@ -26,10 +26,11 @@ __all__ = ["SCHEMES", "check_url", "open_store", "redact_url"]
 SCHEMES = ("memory", "spool", "sqlite", "redis", "rediss", "redis+sentinel", "redis+cluster")
 
 
-def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
+def open_store(url: str, *, expiry: float = 900.0, warn: bool = True) -> GrantStore:
     """Open the store named by ``url``; ``expiry`` is the default window length.
 
     Raises ConfigError for a URL that names no store (the message shows the URL).
+    ``warn=False`` skips the spool's world-writable warning (per-login programs).
     """
     scheme, rest = check_url(url)
     if scheme == "memory":
@@ -39,7 +40,7 @@ def open_store(url: str, *, expiry: float = 900.0) -> GrantStore:
     if scheme == "spool":
         from relaygate.stores.spool import SpoolStore
 
-        return SpoolStore(_path_of(url, rest), expiry=expiry)
+        return SpoolStore(_path_of(url, rest), expiry=expiry, warn=warn)
     if scheme == "sqlite":
         from relaygate.stores.sqlite import SqliteStore
 

@@ -75,6 +75,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
 from relaygate.addresses import require_canonical
 from relaygate.errors import ConfigError, StoreError
@@ -215,6 +216,7 @@ class RedisStore:
         self._owns_client = owns_client
         self._connect = connect
         self._on_close = on_close
+        self._sentinels = ""  # "host:port, ..." for errors, when the store uses Sentinel
         self._lock = threading.Lock()
         self._client: Any = None
         if client is not None:
@@ -317,8 +319,10 @@ class RedisStore:
                 for s in sentinel.sentinels:
                     s.close()
 
-            return cls(client, prefix, owns_client=True, mode="sentinel",
-                       on_close=close_sentinels)
+            store = cls(client, prefix, owns_client=True, mode="sentinel",
+                        on_close=close_sentinels)
+            store._sentinels = ", ".join(f"{h}:{p}" for h, p in parsed.hosts)
+            return store
 
         from redis.cluster import ClusterNode, RedisCluster
 
@@ -333,6 +337,10 @@ class RedisStore:
         return cls(None, prefix, owns_client=True, connect=connect, cluster=True, mode="cluster")
 
     def _error(self, what: str, exc: Exception) -> StoreError:
+        if isinstance(exc, MasterNotFoundError):
+            # redis-py's text repeats the repr of every sentinel client: say it short
+            return StoreError(f"redis: {what}: MasterNotFoundError: no sentinel "
+                              f"({self._sentinels}) names a live master for that service")
         return StoreError(f"redis: {what}: {type(exc).__name__}: {exc}")
 
     @staticmethod

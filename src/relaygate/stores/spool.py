@@ -166,20 +166,35 @@ class SpoolStore:
 
     # -- helpers -------------------------------------------------------------
 
+    #: spool paths already warned about in this process (once is enough: serve and
+    #: policyd open their store more than once, e.g. on reload)
+    _warned: set[str] = set()
+
     def _warn_if_world_writable(self) -> None:
         try:
             st = os.stat(self._dir_fd) if self._dir_fd is not None else os.stat(self.path)
         except OSError:
             return  # a missing directory is reported by the first operation, as StoreError
-        if st.st_mode & stat.S_IWOTH:
-            import logging
+        if not st.st_mode & stat.S_IWOTH or self.path in SpoolStore._warned:
+            return
+        SpoolStore._warned.add(self.path)
+        import logging
 
-            logging.getLogger("relaygate.stores.spool").warning(
-                "spool directory %s is world-writable (mode %04o): any local user can open "
-                "relaying for any address; make it 0700 (or 0750 with a shared group)",
-                self.path,
-                stat.S_IMODE(st.st_mode),
-            )
+        message = (f"spool directory {self.path} is world-writable (mode "
+                   f"{stat.S_IMODE(st.st_mode):04o}): any local user can open relaying for "
+                   "any address; make it 0700 (or 0750 with a shared group)")
+        logger = logging.getLogger("relaygate.stores.spool")
+        if logger.hasHandlers():
+            logger.warning("%s", message)
+        else:
+            # No logging set up (an admin command, the Dovecot hook): say who speaks,
+            # as every other message of these programs does.
+            import sys
+
+            program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+            if not program or program.endswith(".py"):
+                program = "relaygate"
+            sys.stderr.write(f"{program}: warning: {message}\n")
 
     def _error(self, what: str, exc: OSError) -> StoreError:
         return StoreError(f"spool {self.path}: {what}: {exc.strerror or exc}")

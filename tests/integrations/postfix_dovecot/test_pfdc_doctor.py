@@ -180,3 +180,42 @@ def test_parse_and_check_pure() -> None:
                         f"{POLICY}, reject_unauth_destination", ["127.0.0.1:10040"],
                         queue_directory="/q")
     assert sorted(f.level for f in twice) == ["ok", "ok", "warning"]
+
+
+# -- mynetworks before the policy (issue 17 point 8) ----------------------------------------
+
+
+def test_mynetworks_shown_and_wide_one_warned(postfix_dir: testbed.PostfixTestbed) -> None:
+    postfix_dir.set(mynetworks="127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128")
+    out = doctor(postfix_dir)
+    assert out.returncode == 0, out.stdout
+    assert "  mynetworks = 127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128" in out.stdout
+    assert "permit_mynetworks comes before relaygate's policy; mynetworks covers only " \
+           "this host" in out.stdout
+    assert "relaygate's policy is in place\n" in out.stdout
+
+    postfix_dir.set(mynetworks="127.0.0.0/8 192.168.0.0/16 [2001:db8::]/32")
+    out = doctor(postfix_dir)
+    assert out.returncode == 0, out.stdout  # a warning, not a problem
+    assert "warning: main.cf: smtpd_relay_restrictions: permit_mynetworks comes before " \
+           "relaygate's policy, and mynetworks is wider than this host (192.168.0.0/16, " \
+           "[2001:db8::]/32)" in out.stdout
+    assert "relaygate's policy is in place (1 warning(s) above)" in out.stdout
+
+
+def test_mynetworks_checks_pure() -> None:
+    from relaygate.integrations.postfix_doctor import check_mynetworks
+
+    own = {"127.0.0.1", "::1", "192.0.2.10"}
+    relay = f"permit_mynetworks, {POLICY}, reject_unauth_destination"
+    assert [f.level for f in check_mynetworks(relay, "", "127.0.0.0/8 192.0.2.10/32",
+                                              ["127.0.0.1:10040"], queue_directory="/q",
+                                              own=own)] == ["ok"]
+    found = check_mynetworks(relay, "", "192.0.2.11/32 hash:/etc/postfix/net",
+                             ["127.0.0.1:10040"], queue_directory="/q", own=own)
+    assert [f.level for f in found] == ["warning", "warning"]
+    assert "192.0.2.11/32" in found[0].message and "hash:/etc/postfix/net" in found[1].message
+    # after the policy, permit_mynetworks cannot let anyone past it
+    after = f"{POLICY}, permit_mynetworks, reject_unauth_destination"
+    assert check_mynetworks(after, "", "0.0.0.0/0", ["127.0.0.1:10040"],
+                            queue_directory="/q", own=own) == []

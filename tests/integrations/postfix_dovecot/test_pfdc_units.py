@@ -234,6 +234,18 @@ def test_hook_records_then_execs(tmp_path: Path) -> None:
     assert 55 < grant["expires_at"] - grant["opened_at"] <= 60
 
 
+def test_hook_does_not_warn_about_a_world_writable_spool_at_every_login(tmp_path: Path
+                                                                        ) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spool.chmod(0o777)
+    for _ in range(2):
+        out = run_hook(["--store", f"spool://{spool}", "--", "/bin/true"],
+                       {"IP": "192.0.2.51", "USER": "bob"})
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert (spool / "192.0.2.51").exists()
+
+
 def test_hook_store_from_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "relaygate.toml"
     cfg.write_text(f'store = "sqlite://{tmp_path / "c.db"}"\nexpiry = 30\n')

@@ -97,8 +97,13 @@ def test_allow_refuses_a_missing_or_bad_address(spool: Path, ip: str | None) -> 
         env["TCPREMOTEIP"] = ip
     result = run([program("relay-ctrl-allow"), "true"], env)
     assert result.returncode == 111
-    assert re.fullmatch(rb"relay-ctrl-allow\[\d+\]: Fatal: Must be run from tcp-env or "
-                        rb"tcpserver\.\n", result.stderr)
+    if not ip:  # not run from tcpserver at all: relay-ctrl's own words
+        assert re.fullmatch(rb"relay-ctrl-allow\[\d+\]: Fatal: Must be run from tcp-env or "
+                            rb"tcpserver\.\n", result.stderr)
+    else:  # tcpserver ran it with a value that is no address: say that (issue 17)
+        assert re.fullmatch(rb"relay-ctrl-allow\[\d+\]: Fatal: Invalid \$TCPREMOTEIP '"
+                            + re.escape(ip.encode()) + rb"': not an IPv4 or IPv6 address\.\n",
+                            result.stderr), result.stderr
     assert list(spool.iterdir()) == []
     assert list(spool.parent.iterdir()) == [spool]
 

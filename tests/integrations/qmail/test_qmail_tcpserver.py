@@ -383,6 +383,13 @@ def test_relaygate_tcpserver_start_up_errors(tmp_path: Path) -> None:
     env = {"RELAY_CTRL_DIR": str(tmp_path)}
     result = run([relaygate, "tcpserver", "127.0.0.1", "0", "no-such-program-here"], env)
     assert result.returncode == 111 and b"program not found" in result.stderr
+    # a path, as run scripts write it: refused at start too, as --help promises (issue 17)
+    result = run([relaygate, "tcpserver", "127.0.0.1", "0", "/nonexistent/prog"], env)
+    assert result.returncode == 111 and b"no such program: '/nonexistent/prog'" in result.stderr
+    not_executable = tmp_path / "prog"
+    not_executable.write_text("#!/bin/sh\n")
+    result = run([relaygate, "tcpserver", "127.0.0.1", "0", str(not_executable)], env)
+    assert result.returncode == 111 and b"not an executable file" in result.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)

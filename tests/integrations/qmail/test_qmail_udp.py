@@ -175,6 +175,9 @@ def test_without_secret_relay_ctrl_3_senders_still_work(
 
 def test_send_checks_like_allow(tmp_path: Path) -> None:
     result = run([program("relay-ctrl-send"), "true"], {"TCPREMOTEIP": "../x"})
+    assert result.returncode == 111
+    assert b"Fatal: Invalid $TCPREMOTEIP '../x': not an IPv4 or IPv6 address." in result.stderr
+    result = run([program("relay-ctrl-send"), "true"], {})
     assert result.returncode == 111 and b"Must be run from tcp-env or tcpserver." in result.stderr
     result = run([program("relay-ctrl-send"), "echo", "ok"], {"TCPREMOTEIP": "127.0.0.2"})
     assert result.stdout == b"ok\n" and b"$RELAY_CTRL_REMOTES is not set." in result.stderr

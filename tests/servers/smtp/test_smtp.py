@@ -470,3 +470,32 @@ def test_unix_socket_listener(tmp_path: Path) -> None:
         assert b"Received: from local.client (UNIX socket)\r\n" in msg
     finally:
         h.stop()
+
+
+def test_relayed_messages_counted_for_the_migration_report(tmp_path: Path) -> None:
+    from relaygate.relaystats import RelayStats, read_report
+
+    (tmp_path / "data").mkdir()
+    h = SmtpHarness(tmp_path)
+    try:
+        h.open_window(WINDOW_IP, user="alice")
+        for _ in range(2):
+            c = h.client(WINDOW_IP)
+            c.sendmail(f"alice@{LOCAL}", ["friend@remote.invalid"], MSG)
+            c.quit()
+        c = h.client(STRANGER_IP)
+        c.login("bob", "bob-secret")
+        c.sendmail(f"bob@{LOCAL}", ["friend@remote.invalid"], MSG)
+        c.sendmail(f"bob@{LOCAL}", [f"alice@{LOCAL}"], MSG)  # local: not relayed, not counted
+        c.quit()
+        c = h.client(RULE_IP)
+        c.sendmail("anyone@sender.example", ["x@remote.invalid", "y@remote.invalid"], MSG)
+        c.quit()
+        assert isinstance(h.ctx.relay_stats, RelayStats)
+        h.ctx.relay_stats.flush()
+    finally:
+        h.stop()
+    by_account = {u.account: u.counts for u in read_report(tmp_path / "data")}
+    assert by_account == {"alice": {"window": 2, "auth": 0, "rule": 0},
+                          "bob": {"window": 0, "auth": 1, "rule": 0},
+                          f"[{RULE_IP}]": {"window": 0, "auth": 0, "rule": 1}}

@@ -29,13 +29,12 @@ import os
 import sys
 import time
 
-from relaygate.addresses import parse_ip
-from relaygate.errors import ConfigError, InvalidAddress, StoreError
+from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
 from relaygate.integrations.qmail.env import (
-    EXIT_TEMPFAIL,
     Messages,
     StoreChoice,
+    client_address,
     close_dir_fd,
     courier_authenticated,
     exec_next,
@@ -61,11 +60,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     wants_help(args, PROGRAM)
     say = Messages(PROGRAM)
     env = os.environ
-    raw = env.get("TCPREMOTEIP")
-    try:
-        ip = parse_ip(raw if raw is not None else "")
-    except InvalidAddress:
-        say.die(EXIT_TEMPFAIL, "Must be run from tcp-env or tcpserver.")
+    ip = client_address(env.get("TCPREMOTEIP"), say)
     if courier_authenticated(env):
         try:
             record(env, ip, say)

@@ -112,6 +112,24 @@ class Messages:
 # -- environment values -----------------------------------------------------------
 
 
+def client_address(raw: str | None, say: Messages) -> str:
+    """The canonical client address from ``$TCPREMOTEIP``, or exit 111.
+
+    Unset or empty: relay-ctrl's own message (not run from tcpserver). Set but
+    not an address (``../x``): says so and shows the value (escaped, cut).
+    """
+    from relaygate.addresses import parse_ip
+    from relaygate.errors import InvalidAddress
+
+    if not raw:
+        say.die(EXIT_TEMPFAIL, "Must be run from tcp-env or tcpserver.")
+    try:
+        return parse_ip(raw)
+    except InvalidAddress:
+        say.die(EXIT_TEMPFAIL, f"Invalid $TCPREMOTEIP '{shown(raw)}': not an IPv4 or IPv6 "
+                               "address.")
+
+
 def expiry_from_env(env: MutableMapping[str, str]) -> int:
     """``$RELAY_CTRL_EXPIRY`` in seconds (relay-ctrl's 900 when unset).
 

@@ -33,6 +33,7 @@ from relaygate.integrations.qmail.env import (
     DEFAULT_PORT,
     EXIT_TEMPFAIL,
     Messages,
+    client_address,
     courier_authenticated,
     exec_next,
     parse_port,
@@ -85,10 +86,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if len(args) < 2:
         say.die(EXIT_TEMPFAIL, "usage: relay-ctrl-send program [args ...]")
     env = os.environ
-    try:
-        ip = parse_ip(env.get("TCPREMOTEIP") or "")
-    except InvalidAddress:
-        say.die(EXIT_TEMPFAIL, "Must be run from tcp-env or tcpserver.")
+    ip = client_address(env.get("TCPREMOTEIP"), say)
     remotes = env.get("RELAY_CTRL_REMOTES")
     if remotes is None:
         say.warn("$RELAY_CTRL_REMOTES is not set.")

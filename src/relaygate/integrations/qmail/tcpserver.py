@@ -282,7 +282,10 @@ class TcpServerOptions:
 def resolve_program(name: str, path: str) -> str:
     """The file ``execvp`` would run for ``name`` (looked up once, at start)."""
     if "/" in name:
-        return name
+        if os.path.isfile(name) and os.access(name, os.X_OK):
+            return name
+        why = "no such program" if not os.path.exists(name) else "not an executable file"
+        raise ConfigError(why, value=name)
     for directory in path.split(os.pathsep):
         candidate = os.path.join(directory or ".", name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):

@@ -77,6 +77,7 @@ from relaygate.protocols.smtp_address import (
     canonical_address,
     parse_mailbox,
 )
+from relaygate.relaystats import count_relayed
 from relaygate.servers.smtp.data import DataBudget, IncomingMessage, MessageFile, open_files
 
 if TYPE_CHECKING:
@@ -479,6 +480,8 @@ class RelayHandler:
         self._accepted.inc()
         if envelope.relayed:
             self._relayed.inc()
+            if authority is not None:
+                count_relayed(self.ctx, authority.kind, authority.user, state.ip)
         if names:
             self._delivered.inc(len(names))
         return f"250 2.0.0 OK id={msgid}" + (f" queued as {queue_id}" if queue_id else "")
