@@ -281,9 +281,7 @@ class Pop3Service:
                     return
                 session.idle = True
                 try:
-                    # asyncio.timeout, not wait_for: no task per command
-                    async with asyncio.timeout(timeout):
-                        data = await reader.read(READ_SIZE)
+                    data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
                 except TimeoutError:
                     await send(b"-ERR Autologout: idle timeout\r\n")
                     event("pop3.timeout", ip=session.ip, user=conn.user)
