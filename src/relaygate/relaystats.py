@@ -12,9 +12,9 @@ messages each *basis* let through lately and when each was last used:
 - ``rule``: a static rule (the rules file, or ``RELAYCLIENT`` from tcprules).
 
 :func:`count_relayed` is the one place that counts: ``serve``'s SMTP handler
-calls it for each accepted relayed message, the policy service for each
-``OK`` answer (Postfix asks once per recipient, so there it counts relayed
-recipients). It only adds to a dictionary in memory under a lock, so it costs
+calls it for each accepted relayed message, the policy and socketmap services
+for each ``OK`` answer (the MTA asks once per recipient, so there it counts
+relayed recipients). It only adds to a dictionary in memory under a lock, so it costs
 the hot path about a microsecond; a daemon thread writes the sums every
 :data:`FLUSH_INTERVAL` seconds (and once more at exit) into
 ``<data-dir>/relaystats.db``::

@@ -224,3 +224,30 @@ def test_bad_settings() -> None:
         build(value="OK\r\nX")
     with pytest.raises(ConfigError, match=r"socketmap\.socket_group"):
         build(socket_group="no-such-group-relaygate")
+
+
+async def test_ok_answers_counted_for_the_migration_report(tmp_path: Path) -> None:
+    from relaygate.relaystats import RelayStats, read_report
+
+    store = MemoryStore()
+    now = time.time()
+    store.put(Grant("127.0.0.3", "alice", "example.org", "pop3", now, now + 600))
+    settings = Settings(data_dir=tmp_path,
+                        socketmap=SocketmapSettings(listen=("127.0.0.1:0",)))
+    rules = RuleSet.parse('127.0.0.9:allow,RELAYCLIENT=""')
+    ctx = Context(settings, RelayControl(store, rules, expiry=600), Metrics())
+    service = make_service(ctx)
+    await service.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(service))
+        writer.write(lookup("127.0.0.3") + lookup("POP:127.0.0.3") + lookup("127.0.0.9")
+                     + lookup("127.0.0.4"))
+        assert await read_answers(reader, 4) == [OK, OK, OK, NOTFOUND]
+        writer.close()
+    finally:
+        await service.stop(1)
+    assert isinstance(ctx.relay_stats, RelayStats)
+    ctx.relay_stats.flush()
+    assert {u.account: u.counts for u in read_report(tmp_path)} == {
+        "alice": {"window": 2, "auth": 0, "rule": 0},
+        "[127.0.0.9]": {"window": 0, "auth": 0, "rule": 1}}

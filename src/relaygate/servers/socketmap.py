@@ -37,6 +37,7 @@ from relaygate.protocols.socketmap import (
     client_address,
     found,
 )
+from relaygate.relaystats import count_relayed
 from relaygate.servers.listeners import Listen, parse_listen
 from relaygate.servers.policy import PolicyService
 
@@ -165,6 +166,9 @@ class _SocketmapConnection(asyncio.BufferedProtocol):
         answer = answer_for(decision, service.ok)
         self._send(answer)
         verdict = decision.verdict
+        if verdict is Verdict.ALLOW:
+            # the MTA asks once per recipient: relayed recipients, as the policy service
+            count_relayed(service.ctx, decision.kind, decision.user, ip)
         if verdict is Verdict.DENY:
             if _EVENTS.isEnabledFor(logging.DEBUG):
                 event("relay.decision", level=logging.DEBUG, service="socketmap", ip=ip,
