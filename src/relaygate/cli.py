@@ -119,6 +119,15 @@ def run() -> None:
         sys.exit(EXIT_TEMPFAIL)
 
 
+def trusted_proxy_option(fn: Any) -> Any:
+    """``--trusted-proxy CIDR`` (repeatable), for every command that runs a listener."""
+    return click.option(
+        "--trusted-proxy", "trusted_proxies", multiple=True, metavar="CIDR",
+        help="Load balancer (address or network) whose PROXY protocol header (v1 or v2) "
+             "names the client; its connections must start with one. Repeatable "
+             "(TOML trusted_proxies).")(fn)
+
+
 def settings_from(ctx: click.Context, **overrides: Any) -> Any:
     """Build Settings from the group options, a command's own options and the environment."""
     from relaygate.config import load_settings

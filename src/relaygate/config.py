@@ -50,8 +50,9 @@ class SmtpSettings:
     bad_command_limit: int = 10
     #: AUTH only after STARTTLS, except on loopback listeners
     auth_require_tls: bool = True
-    #: loopback listeners count as safe for plaintext AUTH; turn off when a local
-    #: proxy (haproxy, stunnel) forwards remote clients to a loopback listener
+    #: loopback listeners count as safe for plaintext AUTH; turn off when a local proxy
+    #: (stunnel, a balancer without PROXY headers) forwards remote clients to a loopback
+    #: listener (with trusted_proxies, a forwarded client's own address decides)
     loopback_plaintext_auth: bool = True
     #: refused RCPTs (unknown user, relay denied) before the session is ended with 421:
     #: a dictionary-attack guard, separate from the bad-command budget
@@ -188,6 +189,12 @@ class Settings:
     age_interval: float = 60.0
     #: seconds ``serve`` lets transactions in flight finish after SIGTERM
     shutdown_grace: float = 30.0
+    #: load balancers (addresses or CIDR networks) whose PROXY protocol header names the
+    #: client, as Exim's hosts_proxy: a connection from one must start with a header,
+    #: and no relay window is ever opened for their own addresses
+    trusted_proxies: tuple[str, ...] = ()
+    #: seconds a trusted proxy has to send its PROXY header before the connection is closed
+    proxy_timeout: float = 5.0
     tls: TlsSettings = field(default_factory=TlsSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
@@ -225,6 +232,7 @@ ENV_VARS: dict[str, str] = {
     "RELAYGATE_HOSTNAME": "hostname",
     "RELAYGATE_LOG_FORMAT": "log_format",
     "RELAYGATE_LOG_LEVEL": "log_level",
+    "RELAYGATE_TRUSTED_PROXIES": "trusted_proxies",
 }
 
 #: envdir variables (relay-ctrl's) and the settings they set.
@@ -235,12 +243,16 @@ ENVDIR_VARS: dict[str, str] = {
     "RELAY_CTRL_LOG_IPS": "log_ips",
 }
 
+#: settings whose repeatable command-line option is named in the singular
+_CLI_OPTIONS: dict[str, str] = {"trusted_proxies": "trusted-proxy", "domains": "domain"}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "log_format": ("text", "json"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 _POSITIVE = {
-    "expiry", "age_interval", "shutdown_grace", "smtp.max_message_size", "smtp.max_recipients",
+    "expiry", "age_interval", "shutdown_grace", "proxy_timeout",
+    "smtp.max_message_size", "smtp.max_recipients",
     "smtp.command_timeout", "smtp.data_timeout", "smtp.max_connections_per_ip",
     "smtp.bad_command_limit", "pop3.idle_timeout", "imap.idle_timeout",
     "pop3.bad_command_limit", "pop3.max_commands", "pop3.max_connections_per_ip",
@@ -287,7 +299,8 @@ def load_settings(
             layers[key] = _Value(environ[var], f"${var}")
     for key, value in (cli or {}).items():
         if value is not None:
-            layers[key] = _Value(value, f"option --{key.split('.')[-1].replace('_', '-')}")
+            option = _CLI_OPTIONS.get(key) or key.split('.')[-1].replace('_', '-')
+            layers[key] = _Value(value, f"option --{option}")
     return _build(layers)
 
 
@@ -314,6 +327,9 @@ def _build(layers: Mapping[str, _Value]) -> Settings:
         top["domains"] = tuple(_domain(d, layers["domains"]) for d in top["domains"])
     if top.get("store"):
         _store_url(top["store"], layers["store"])
+    if top.get("trusted_proxies"):
+        origin = layers["trusted_proxies"]
+        top["trusted_proxies"] = _networks(top["trusted_proxies"], origin)
     if "ipv6_prefix" in top:
         from relaygate.addresses import check_ipv6_prefix
 
@@ -337,6 +353,16 @@ def _domain(d: str, origin: _Value) -> str:
                                    flags=re.IGNORECASE):
         raise ConfigError("bad domain name", source=origin.source, line=origin.line, value=d)
     return out
+
+
+def _networks(specs: tuple[str, ...], origin: _Value) -> tuple[str, ...]:
+    from relaygate.networks import Networks
+
+    try:
+        return Networks(specs).specs
+    except ConfigError as exc:
+        raise ConfigError(exc.message, source=origin.source, line=origin.line,
+                          value=exc.value) from None
 
 
 def _store_url(url: str, origin: _Value) -> None:

@@ -50,6 +50,12 @@ DESCRIPTIONS: dict[str, str] = {
     "user": "serve: after binding the listeners as root, run as this user.",
     "group": "serve: group to run as (default: the user's primary group).",
     "age_interval": "serve: seconds between removals of expired windows.",
+    "trusted_proxies": "Load balancers (addresses or CIDR) that send a PROXY protocol header "
+                       "(HAProxy send-proxy / send-proxy-v2): on every listener a connection from "
+                       "one must start with a header naming the client; no window is opened for "
+                       "their own addresses. Others are served directly and never believed.",
+    "proxy_timeout": "Seconds a trusted proxy has to send its PROXY header before the "
+                     "connection is closed.",
     "shutdown_grace": "serve and every service command: seconds transactions in flight may take "
                       "to finish after SIGTERM.",
     "tls.cert": "PEM certificate chain; enables STARTTLS/STLS and the implicit-TLS listeners "

@@ -18,8 +18,9 @@ import time
 
 from relaygate.addresses import parse_ip
 from relaygate.decision import Decision, Verdict
-from relaygate.errors import InvalidAddress, StoreError
+from relaygate.errors import InvalidAddress, RelaygateError, StoreError
 from relaygate.grants import Grant
+from relaygate.networks import Networks
 from relaygate.rules import RuleSet
 from relaygate.stores.base import GrantStore
 
@@ -77,6 +78,18 @@ class StoreHealth:
                         "refused meanwhile", time.monotonic() - self._since, self._refused)
 
 
+class WindowRefused(RelaygateError):
+    """No window is opened for this address: it is a trusted proxy's own.
+
+    Behind a load balancer every connection comes from the balancer; a window for
+    its address would let everyone behind it relay. The login itself stands.
+    """
+
+    def __init__(self, ip: str) -> None:
+        super().__init__(f"no relay window for {ip}: it is a trusted proxy")
+        self.ip = ip
+
+
 class RelayControl:
     """Decide whether a client address may relay; open and close windows."""
 
@@ -87,10 +100,13 @@ class RelayControl:
         *,
         expiry: float = DEFAULT_EXPIRY,
         relayclient: str = "",
+        trusted_proxies: Networks | None = None,
     ) -> None:
         if expiry <= 0:
             raise ValueError("expiry must be positive")
         self.store = store
+        #: addresses no window is ever opened for (see :class:`WindowRefused`)
+        self.trusted_proxies = trusted_proxies if trusted_proxies is not None else Networks()
         self.rules = rules if rules is not None else RuleSet.empty()
         self.expiry = float(expiry)
         self.relayclient = relayclient
@@ -99,7 +115,10 @@ class RelayControl:
     # -- windows -----------------------------------------------------------
 
     def allow(self, grant: Grant) -> Grant:
-        """Record a grant (its ip must already be canonical). StoreError propagates."""
+        """Record a grant (its ip must already be canonical). StoreError propagates;
+        WindowRefused for a trusted proxy's address."""
+        if grant.ip in self.trusted_proxies:
+            raise WindowRefused(grant.ip)
         self.store.put(grant)
         return grant
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from relaygate.config import Settings
 from relaygate.control import RelayControl
 from relaygate.errors import ConfigError
+from relaygate.networks import Networks
 from relaygate.rules import RuleSet
 from relaygate.stores import open_store
 
@@ -19,7 +20,8 @@ def build_control(settings: Settings) -> RelayControl:
         make_data_dir(settings)
     store = open_store(settings.store_url, expiry=settings.expiry)
     rules = RuleSet.load(settings.rules_file) if settings.rules_file else RuleSet.empty()
-    return RelayControl(store, rules, expiry=settings.expiry, relayclient=settings.relayclient)
+    return RelayControl(store, rules, expiry=settings.expiry, relayclient=settings.relayclient,
+                        trusted_proxies=Networks(settings.trusted_proxies))
 
 
 def require_store(settings: Settings) -> None:

@@ -21,8 +21,11 @@ import pytest
 from serve_harness import Serve, free_port
 
 CLIENTS = 1000
-#: "a few tens of MB" for all 4000 failed handshakes together
-GROWTH_LIMIT_MB = 60.0
+#: "a few tens of MB" for all 4000 failed handshakes together. The 1000 junk
+#: records reach OpenSSL, whose state for that many handshakes in flight at once
+#: is ~50 MB that malloc may keep (bench/tlsflood.py: 50-57 MB on an idle machine,
+#: up to 75 MB under load); the old code grew by ~1000 MB, so 100 still catches it.
+GROWTH_LIMIT_MB = 100.0
 GARBAGE = b"\x16\x03\x01garbage" * 10
 JUNK_RECORD = b"\x16\x03\x01\x00\x50" + b"g" * 0x50
 

@@ -109,7 +109,8 @@ async def test_listener_loopback_comes_from_the_bound_sockets(tmp_path: Path) ->
     async def bind(listen: Listen) -> Listener:
         listener = Listener("test", listen)
 
-        async def cb(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def cb(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: object) -> None:
             accepted.append(listener.loopback)
             writer.close()
 

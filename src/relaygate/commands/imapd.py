@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from relaygate.cli import settings_from
+from relaygate.cli import settings_from, trusted_proxy_option
 
 
 @click.command()
@@ -31,6 +31,7 @@ from relaygate.cli import settings_from
 @click.option("--hostname", help="Name in the greeting (default: this host's name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log level (default info).")
+@trusted_proxy_option
 @click.pass_context
 def imapd(ctx: click.Context, /, **opts: Any) -> None:
     """Run the IMAP server alone (IMAP4rev1 with STARTTLS, IDLE, UIDPLUS, LITERAL+).
@@ -48,6 +49,7 @@ def imapd(ctx: click.Context, /, **opts: Any) -> None:
         "tls.key": opts["tls_key"],
         "hostname": opts["hostname"],
         "log_level": opts["log_level"],
+        "trusted_proxies": list(opts["trusted_proxies"]) or None,
     }
     settings = settings_from(ctx, **overrides)
     ctx.exit(asyncio.run(_main(settings)))

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from relaygate.cli import settings_from
+from relaygate.cli import settings_from, trusted_proxy_option
 
 
 @click.command()
@@ -31,6 +31,7 @@ from relaygate.cli import settings_from
 @click.option("--hostname", help="Name in the APOP timestamp (default: this host's name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log level (default info).")
+@trusted_proxy_option
 @click.pass_context
 def pop3d(ctx: click.Context, /, **opts: Any) -> None:
     """Run the POP3 server alone (RFC 1939 with CAPA, STLS, APOP, AUTH PLAIN).
@@ -46,6 +47,7 @@ def pop3d(ctx: click.Context, /, **opts: Any) -> None:
         "tls.key": opts["tls_key"],
         "hostname": opts["hostname"],
         "log_level": opts["log_level"],
+        "trusted_proxies": list(opts["trusted_proxies"]) or None,
     }
     settings = settings_from(ctx, **overrides)
     ctx.exit(asyncio.run(_main(settings)))

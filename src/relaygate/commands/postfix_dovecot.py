@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from relaygate.cli import EXIT_TEMPFAIL, settings_from
+from relaygate.cli import EXIT_TEMPFAIL, settings_from, trusted_proxy_option
 
 _LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
 
@@ -44,9 +44,11 @@ log = logging.getLogger("relaygate.commands")
               help="Store lookup threads (default 1; more help a remote Redis).")
 @click.option("--log-level", type=_LOG_LEVELS, help="Log level (default info; debug logs "
                                                     "every DUNNO).")
+@trusted_proxy_option
 @click.pass_context
 def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None,
-            socket_group: str | None, threads: int | None, log_level: str | None) -> None:
+            socket_group: str | None, threads: int | None, log_level: str | None,
+            trusted_proxies: tuple[str, ...]) -> None:
     """Run the Postfix policy service (check_policy_service).
 
     Answers action=OK when the client address may relay (a static rule or an
@@ -68,6 +70,7 @@ def policyd(ctx: click.Context, listen: tuple[str, ...], socket_mode: str | None
         "policy.socket_group": socket_group,
         "policy.threads": threads,
         "log_level": log_level,
+        "trusted_proxies": list(trusted_proxies) or None,
     })
     if not settings.policy.listen:
         settings = settings.replace(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from relaygate.cli import settings_from
+from relaygate.cli import settings_from, trusted_proxy_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,6 +68,7 @@ def _listen_option(name: str, what: str, default: str) -> Callable[[F], F]:
               help="Log level (default info).")
 @click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@trusted_proxy_option
 @click.option("--ipv6-prefix", metavar="BITS",
               help="Count IPv6 clients per network of this prefix for connection limits and "
                    "login throttling (default 64).")
@@ -112,6 +113,7 @@ def serve(ctx: click.Context, /, **opts: Any) -> None:
         "imap.listen": many("imap"),
         "imap.listen_tls": many("imaps"),
         "policy.listen": many("policy"),
+        "trusted_proxies": many("trusted_proxies"),
         "socketmap.listen": many("socketmap"),
     }
     settings = settings_from(ctx, **overrides)

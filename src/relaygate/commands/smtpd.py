@@ -32,7 +32,7 @@ from typing import Any
 
 import click
 
-from relaygate.cli import settings_from
+from relaygate.cli import settings_from, trusted_proxy_option
 
 
 @click.command()
@@ -62,6 +62,7 @@ from relaygate.cli import settings_from
 @click.option("--use-store", is_flag=True,
               help="With --stdio: when RELAYCLIENT is not set, ask the rules and grant store "
                    "(no relay-ctrl-check needed).")
+@trusted_proxy_option
 @click.pass_context
 def smtpd(ctx: click.Context, /, **opts: Any) -> None:
     """Run the SMTP server with relay control (smtp, submission, smtps).
@@ -85,6 +86,7 @@ def smtpd(ctx: click.Context, /, **opts: Any) -> None:
         "tls.key": opts["tls_key"],
         "sender_binding": opts["sender_binding"],
         "log_level": opts["log_level"],
+        "trusted_proxies": many("trusted_proxies"),
     }
     settings = settings_from(ctx, **overrides)
     from relaygate.log import setup_logging

@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from relaygate.cli import settings_from
+from relaygate.cli import settings_from, trusted_proxy_option
 from relaygate.errors import ConfigError
 
 
@@ -126,6 +126,7 @@ def _control(ctx: click.Context, environ: dict[str, str]) -> Any:
                    "the -c limit is split between them).")
 @click.option("--no-relay", is_flag=True,
               help="Plain tcpserver: no relay decision (e.g. for a POP3 service).")
+@trusted_proxy_option
 @click.argument("host")
 @click.argument("port")
 @click.argument("program", nargs=-1, required=True)
@@ -166,12 +167,17 @@ def tcpserver(ctx: click.Context, /, **opts: Any) -> None:
         if uid is None or gid is None:
             raise click.UsageError("-U needs $UID and $GID (run under envuidgid)")
     verbosity = 2 if opts["verbose"] else 0 if opts["quiet"] else 1
+    from relaygate.networks import Networks
+
+    proxies = settings_from(ctx, trusted_proxies=list(opts["trusted_proxies"]) or None)
     options = TcpServerOptions(
         host=opts["host"], port=opts["port"], argv=list(opts["program"]),
         limit=opts["limit"], backlog=opts["backlog"], rules=opts["rules"],
         allow_missing_rules=opts["allow_missing"], uid=uid, gid=gid, verbosity=verbosity,
         local_host=opts["local_host"], banner=os.fsencode(opts["banner"]),
         nodelay=opts["nodelay"], print_port=opts["print_port"], relay=not opts["no_relay"],
+        trusted_proxies=Networks(proxies.trusted_proxies),
+        proxy_timeout=proxies.proxy_timeout,
     )
     control = None if opts["no_relay"] else _control(ctx, environ)
     server = TcpServer(options, control=control, environ=environ)

@@ -148,6 +148,14 @@ def record(opts: Mapping[str, Any], environ: Mapping[str, str]) -> str:
         cli = {"store": store_url, "expiry": expiry_text, "data_dir": data_dir}
         settings = load_settings(cli=cli, environ=environ, config_file=config)
         store_url, expiry = settings.store_url, settings.expiry
+        if settings.trusted_proxies:
+            from relaygate.networks import Networks
+
+            if ip in Networks(settings.trusted_proxies):
+                # Dovecot behind a load balancer without ``haproxy = yes``: the window
+                # would let everyone behind the proxy relay.
+                raise ValueError(f"{ip} is a trusted proxy (trusted_proxies): no window "
+                                 "for it; does Dovecot's listener have haproxy = yes?")
     else:
         if store_url is None:
             # No default: the hook's working directory is Dovecot's, not a data directory.

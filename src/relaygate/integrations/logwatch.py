@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from relaygate.control import WindowRefused
 from relaygate.errors import ConfigError, StoreError
 from relaygate.log import event
 from relaygate.protocols.loglines import (
@@ -237,6 +238,12 @@ def window_opener(control: RelayControl, *, source: str = "log",
         except StoreError as exc:
             log.warning("no relay window for %s (%s login of %s): store unreachable: %s",
                         ev.ip, ev.service, ev.user, exc)
+            return
+        except WindowRefused:
+            # a trusted proxy's address: the server behind it does not read PROXY headers
+            log.warning("no relay window for %s (%s login of %s): it is a trusted proxy; "
+                        "the server behind it must read PROXY headers", ev.ip, ev.service,
+                        ev.user)
             return
         event("window.refreshed" if ev.refresh else "window.opened", ip=grant.ip,
               user=ev.user, source=source, service=ev.service, pattern=ev.pattern,

@@ -42,9 +42,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from relaygate.addresses import DEFAULT_IPV6_PREFIX, client_group, is_loopback, parse_ip
+from relaygate.control import WindowRefused
 from relaygate.errors import ConfigError, InvalidAddress, StoreError
 from relaygate.grants import Grant
 from relaygate.log import event
+from relaygate.servers.accept import (
+    LISTEN_BACKLOG,
+    NO_PROXIES,
+    Acceptor,
+    Peer,
+    ProxyPolicy,
+    bind_tcp,
+    bind_unix,
+)
 
 if TYPE_CHECKING:
     from relaygate.config import Settings
@@ -52,13 +62,15 @@ if TYPE_CHECKING:
     from relaygate.interfaces import Account
 
 log = logging.getLogger("relaygate.listeners")
+
+__all__ = ["LISTEN_BACKLOG", "TLS_HANDSHAKE_TIMEOUT", "AddressLimiter", "Listen", "Listener",
+           "Peer", "ProxyPolicy", "TlsAcceptor", "open_window_after_login", "parse_listen",
+           "peer_address", "proxy_policy", "reload_certificate", "resolves_to_loopback",
+           "server_tls_context", "shown_address", "stream_factory", "tls_acceptor",
+           "tls_context_of"]
 #: failed TLS handshakes: a client's noise, under a name of its own
 tls_log = logging.getLogger("relaygate.tls")
 
-#: listen(2) backlog for every service: asyncio's default of 100 drops the tail of a
-#: burst of connects (1000 clients at once left 100 without a greeting); the kernel
-#: caps this at net.core.somaxconn.
-LISTEN_BACKLOG = 4096
 
 #: seconds a TLS handshake (implicit TLS, STARTTLS, STLS) may take
 TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -211,13 +223,15 @@ class TlsAcceptor(asyncio.Protocol):
     """
 
     def __init__(self, factory: Callable[[], asyncio.BaseProtocol], context: ssl.SSLContext,
-                 timeout: float, service: str) -> None:
+                 timeout: float, service: str, peer: str | None = None) -> None:
         self.factory = factory
         self.context = context
         self.timeout = timeout
         self.service = service
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
+        #: the client as logged (given when a PROXY header named it)
+        self.given_peer = peer
+        self.peer = peer or "?"
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
@@ -225,8 +239,9 @@ class TlsAcceptor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+        if self.given_peer is None:
+            peer = transport.get_extra_info("peername")
+            self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + self.timeout
         self.timer = loop.call_at(self.deadline, self._expired)
@@ -317,9 +332,11 @@ class _Deferred(asyncio.Protocol):
 
 
 def tls_acceptor(factory: Callable[[], asyncio.BaseProtocol], context: ssl.SSLContext,
-                 service: str, timeout: float = 30.0) -> Callable[[], TlsAcceptor]:
-    """A protocol factory for an implicit-TLS listener (``loop.create_server(f, ...)``)."""
-    return lambda: TlsAcceptor(factory, context, timeout, service)
+                 service: str, timeout: float = 30.0,
+                 peer: str | None = None) -> Callable[[], TlsAcceptor]:
+    """A protocol factory for an implicit-TLS listener; ``peer``: the client's address
+    for log lines, when the socket's is a proxy's."""
+    return lambda: TlsAcceptor(factory, context, timeout, service, peer)
 
 
 def stream_factory(callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
@@ -345,7 +362,7 @@ class Listener:
     def __init__(self, kind: str, listen: Listen) -> None:
         self.kind = kind
         self.listen = listen
-        self.server: asyncio.Server | None = None
+        self.server: Acceptor | None = None
         #: every bound address is loopback (or a UNIX socket); False until bound
         self.loopback = False
         #: bound addresses as shown (``127.0.0.1:2525``, ``[::1]:2525``, ``unix:PATH``)
@@ -354,44 +371,58 @@ class Listener:
     def __str__(self) -> str:
         return ", ".join(self.addresses) if self.addresses else str(self.listen)
 
-    async def bind(self, factory: Callable[[], asyncio.BaseProtocol], *,
-                   tls: ssl.SSLContext | None = None,
-                   sock: socket.socket | None = None) -> asyncio.Server:
-        """Bind (or take ``sock``, already bound), note what was bound, start accepting."""
-        loop = asyncio.get_running_loop()
+    async def bind(self, factory: Callable[[Peer], asyncio.BaseProtocol], *,
+                   tls: ssl.SSLContext | None = None, sock: socket.socket | None = None,
+                   proxies: ProxyPolicy = NO_PROXIES) -> Acceptor:
+        """Bind (or take ``sock``, already bound), note what was bound, start accepting.
+
+        ``factory`` makes the protocol of one connection from its Peer (worked out once,
+        PROXY header included: :mod:`relaygate.servers.accept`); ``proxies`` says whose
+        header is believed. Implicit TLS (``tls``) goes through a :class:`TlsAcceptor`
+        (see above), not asyncio's ``ssl=``.
+        """
         listen = self.listen
-        # Implicit TLS: the TlsAcceptor reads the first record itself (see above), not
-        # asyncio's ssl= (a 256 KiB buffer and a reference cycle per failed handshake).
-        if tls is not None:
-            factory = tls_acceptor(factory, tls, self.kind, TLS_HANDSHAKE_TIMEOUT)
-        extra: dict[str, Any] = {"start_serving": False}
         if sock is not None:
-            if sock.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(factory, sock=sock, **extra)
-            else:
-                server = await loop.create_server(factory, sock=sock, **extra)
+            sock.setblocking(False)
+            sockets = [sock]
         elif listen.path is not None:
-            server = await loop.create_unix_server(factory, listen.path,
-                                                   backlog=LISTEN_BACKLOG, **extra)
+            sockets = [bind_unix(listen.path, backlog=LISTEN_BACKLOG)]
         else:
             # ":PORT" means every address, IPv4 and IPv6.
             host = None if listen.host == "::" else listen.host
-            server = await loop.create_server(factory, host, listen.port or 0,
-                                              reuse_address=True, backlog=LISTEN_BACKLOG,
-                                              **extra)
+            sockets = await asyncio.to_thread(bind_tcp, host, listen.port or 0,
+                                              backlog=LISTEN_BACKLOG)
+        wrap = None
+        if tls is not None:
+            context, kind = tls, self.kind
+
+            def wrap(make: Callable[[], asyncio.BaseProtocol],
+                     who: str) -> Callable[[], asyncio.BaseProtocol]:
+                return tls_acceptor(make, context, kind, TLS_HANDSHAKE_TIMEOUT, peer=who)
+
+        server = Acceptor(sockets, factory, service=self.kind, proxies=proxies, tls_wrap=wrap)
         self.server = server
-        names = [s.getsockname() for s in server.sockets]
+        names = [s.getsockname() for s in sockets]
         self.loopback = bool(names) and all(loopback_sockname(n) for n in names)
         self.addresses = [shown_address(n) for n in names]
-        await server.start_serving()
+        server.start()
         return server
 
     async def bind_streams(
-        self, callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any], *,
+        self, callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter, Peer], Any], *,
         tls: ssl.SSLContext | None = None, limit: int = 2**16,
-    ) -> asyncio.Server:
-        """:meth:`bind` for a ``(reader, writer)`` callback, as ``asyncio.start_server``."""
-        return await self.bind(stream_factory(callback, limit), tls=tls)
+        proxies: ProxyPolicy = NO_PROXIES,
+    ) -> Acceptor:
+        """:meth:`bind` for a ``(reader, writer, peer)`` callback, as
+        ``asyncio.start_server`` (with the Peer as a third argument)."""
+
+        def factory(peer: Peer) -> asyncio.BaseProtocol:
+            def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Any:
+                return callback(r, w, peer)
+
+            return stream_factory(connected, limit)()
+
+        return await self.bind(factory, tls=tls, proxies=proxies)
 
     def ports(self) -> list[int]:
         """TCP ports bound (useful with port 0)."""
@@ -417,6 +448,11 @@ class Listener:
             await asyncio.wait_for(server.wait_closed(), timeout)
         except (Exception, asyncio.CancelledError):  # noqa: S110 - best effort at stop
             pass
+
+
+def proxy_policy(settings: Settings) -> ProxyPolicy:
+    """``trusted_proxies`` and ``proxy_timeout`` for :meth:`Listener.bind`."""
+    return ProxyPolicy.from_settings(settings)
 
 
 # -- per-address limits -----------------------------------------------------------
@@ -537,6 +573,12 @@ async def open_window_after_login(ctx: Context, ip: str | None, account: Account
                           control.expiry)
     try:
         await asyncio.to_thread(control.allow, grant)
+    except WindowRefused:
+        # The address is a trusted proxy's own (a LOCAL connection, or a misconfigured
+        # upstream): a window would let everyone behind the proxy relay.
+        event("window.refused", ip=ip, user=account.login, source=source,
+              reason="trusted proxy")
+        return None
     except Exception as exc:
         # A store outage is a warning; anything else is a bug of ours: ERROR, with traceback.
         bug = not isinstance(exc, StoreError)

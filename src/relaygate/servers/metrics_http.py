@@ -21,6 +21,7 @@ import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from relaygate.servers.accept import Peer
 from relaygate.servers.listeners import Listen, Listener
 
 log = logging.getLogger("relaygate.metrics")
@@ -64,7 +65,8 @@ class MetricsService:
         await self._listener.wait_closed(min(grace, 2.0))
         self._listener = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      peer: Peer) -> None:
         if self._open >= MAX_CONNECTIONS:
             writer.close()
             return

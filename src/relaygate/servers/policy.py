@@ -93,7 +93,14 @@ from relaygate.protocols.policy import (
     triage,
 )
 from relaygate.relaystats import count_relayed
-from relaygate.servers.listeners import LISTEN_BACKLOG, Listen, Listener, parse_listen
+from relaygate.servers.accept import Peer
+from relaygate.servers.listeners import (
+    LISTEN_BACKLOG,
+    Listen,
+    Listener,
+    parse_listen,
+    proxy_policy,
+)
 from relaygate.stores.base import GrantStore
 from relaygate.stores.sqlite import SqliteReader, SqliteStore
 
@@ -127,6 +134,8 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         self.buffer = service.read_buffer
         self.reader = PolicyReader()
         self.transport: asyncio.Transport | None = None
+        #: the client (an smtpd; named by the PROXY header behind a load balancer), set
+        #: by the service when the connection is accepted
         self.peer = "?"
         #: a decision for this connection is being made (requests wait in the reader)
         self.pending = False
@@ -146,8 +155,6 @@ class _PolicyConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else "unix"
         self.service.connections.add(self)
         self.service.ctx.metrics.connections.labels("policy").inc()
         self._arm_idle()
@@ -571,13 +578,20 @@ class PolicyService:
         bound = [addr for listener in self._listeners for addr in listener.addresses]
         return [f"{self.name} {b}" for b in (bound or [str(x) for x in self.listens])]
 
+    def _connection(self, peer: Peer) -> asyncio.BaseProtocol:
+        proto = self.connection(self)
+        if isinstance(proto, _PolicyConnection):
+            proto.peer = peer.shown  # the smtpd's address, PROXY header included
+        return proto
+
     async def start(self) -> None:
         try:
             for listen in self.listens:
                 listener = Listener(self.name, listen)
                 self._listeners.append(listener)
                 sock = self._unix_socket(listen.path) if listen.path is not None else None
-                await listener.bind(lambda: self.connection(self), sock=sock)
+                await listener.bind(self._connection, sock=sock,
+                                    proxies=proxy_policy(self.ctx.settings))
         except BaseException:
             await self.stop(0)
             raise

@@ -76,13 +76,14 @@ from relaygate.protocols.pop3 import (
     Update,
     encode_message,
 )
+from relaygate.servers.accept import Peer
 from relaygate.servers.listeners import (
     TLS_HANDSHAKE_TIMEOUT,
     AddressLimiter,
     Listener,
     open_window_after_login,
     parse_listen,
-    peer_address,
+    proxy_policy,
     tls_context_of,
 )
 
@@ -103,6 +104,8 @@ SEND_CHUNK = 256 * 1024
 @dataclass(eq=False)
 class _Session:
     ip: str | None
+    #: forwarded by a trusted proxy (the listener's own address then says nothing)
+    proxied: bool = False
     task: asyncio.Task[None] | None = None
     user: str | None = None
     #: waiting for the client's next command (safe to cut at shutdown)
@@ -129,6 +132,7 @@ class Pop3Service:
             directory = ctx.directory = open_directory(ctx.settings)
         self.directory: Directory = directory
         self.ssl_context = tls_context_of(ctx)
+        self.proxies = proxy_policy(ctx.settings)
         self.sizes = SizeCache()
         self._listeners: list[Listener] = []
         self._sessions: set[_Session] = set()
@@ -169,7 +173,7 @@ class Pop3Service:
                 self._listeners.append(listener)
                 await listener.bind_streams(
                     partial(self._accept, listener=listener, implicit=implicit),
-                    tls=self.ssl_context if implicit else None)
+                    tls=self.ssl_context if implicit else None, proxies=self.proxies)
                 log.debug("listening: %s %s", kind, listener)
         except BaseException:
             await self.stop(0)
@@ -199,9 +203,9 @@ class Pop3Service:
 
     # -- connections -----------------------------------------------------------
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                listener: Listener, implicit: bool) -> None:
-        ip = peer_address(writer)
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
+                *, listener: Listener, implicit: bool) -> None:
+        ip = peer.ip
         if self._stopping:
             writer.close()
             return
@@ -210,7 +214,7 @@ class Pop3Service:
             writer.close()
             event("pop3.refused", ip=ip, reason="too many connections")
             return
-        session = _Session(ip)
+        session = _Session(ip, proxied=peer.proxy is not None)
         self._sessions.add(session)
         self.ctx.metrics.connections.labels("pop3").inc()
         session.task = asyncio.get_running_loop().create_task(
@@ -242,9 +246,11 @@ class Pop3Service:
             self.limiter.release(session.ip)
             self.ctx.metrics.connections.labels("pop3").dec()
 
-    def _config(self, listener: Listener, ip: str | None, implicit: bool) -> Pop3Config:
+    def _config(self, listener: Listener, ip: str | None, implicit: bool,
+                proxied: bool = False) -> Pop3Config:
         s = self.settings
-        loopback = listener.loopback or (ip is not None and is_loopback(ip))
+        # A forwarded connection says nothing about the listener: the client's address does.
+        loopback = (listener.loopback and not proxied) or (ip is not None and is_loopback(ip))
         host = (s.hostname or socket.gethostname() or "localhost").replace(">", "")
         return Pop3Config(
             tls_available=self.ssl_context is not None,
@@ -258,7 +264,7 @@ class Pop3Service:
     async def _session(self, session: _Session, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter, listener: Listener, implicit: bool) -> None:
         timeout = self.settings.pop3.idle_timeout
-        conn = Pop3Connection(self._config(listener, session.ip, implicit))
+        conn = Pop3Connection(self._config(listener, session.ip, implicit, session.proxied))
 
         async def send(data: bytes) -> None:
             if data:

@@ -37,6 +37,17 @@ tcprules syntax with CIDR, :mod:`relaygate.rules`). The file is re-read when
 it changes (tcprules replaces it atomically), and a rules file that cannot be
 read drops the connection, as tcpserver does (``-X`` allows a missing one).
 
+PROXY protocol (``--trusted-proxy``, ``trusted_proxies``): a connection from a
+trusted proxy is not handed over at once: its descriptor joins the selector until
+its v1 or v2 header is complete (read with ``MSG_PEEK``, so not a byte of the
+client's data is taken), then the header's source address is ``TCPREMOTEIP`` and
+``TCPREMOTEPORT`` and the address the rules and the relay decision look at. A
+proxy that sends no valid header within ``proxy_timeout`` seconds, or garbage, is
+dropped with a warning; a v2 LOCAL header (a health check) is the proxy's own
+connection. Waiting connections count against ``-c``; no blocking read ever holds
+up the accept loop. Connections from other addresses are handed over as before:
+a header they send is the program's input, never believed.
+
 Not done: host-name (``-h``/``-p``) and ident (``-r``) look-ups. They cost
 DNS round trips per connection and qmail run scripts turn them off with
 ``-H -R``; the flags are accepted, ``TCPREMOTEHOST``/``TCPREMOTEINFO`` stay
@@ -60,6 +71,8 @@ from relaygate.addresses import parse_ip
 from relaygate.control import RelayControl
 from relaygate.decision import Verdict
 from relaygate.errors import ConfigError, InvalidAddress, RelaygateError
+from relaygate.networks import Networks
+from relaygate.protocols.proxy import MAX_HEADER_LENGTH, ProxyHeaderError, header_part
 from relaygate.rules import RuleSet
 
 #: tcpserver's default limit on simultaneous children (-c).
@@ -277,6 +290,20 @@ class TcpServerOptions:
     nodelay: bool = False
     print_port: bool = False
     relay: bool = True
+    #: PROXY protocol: connections from these must start with a header naming the client
+    trusted_proxies: Networks = field(default_factory=Networks)
+    #: seconds such a connection has to complete its header
+    proxy_timeout: float = 5.0
+
+
+@dataclass
+class _Pending:
+    """A connection from a trusted proxy whose PROXY header is not complete yet."""
+
+    peer: tuple[str, int]
+    listener: _Listener
+    deadline: float
+    seen: bytearray = field(default_factory=bytearray)
 
 
 def resolve_program(name: str, path: str) -> str:
@@ -365,6 +392,9 @@ class TcpServer:
         self._workers: dict[int, int] = {}  # supervisor only: worker pid -> its share of -c
         self._wake_r = -1
         self._wake_w = -1
+        #: connections from trusted proxies waiting for their header, by descriptor
+        self._pending: dict[int, _Pending] = {}
+        self._poller: _Poller | None = None
 
     # -- logging -------------------------------------------------------------------
 
@@ -428,7 +458,7 @@ class TcpServer:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(self._wake_w)
         old_chld = signal.signal(signal.SIGCHLD, _on_sigchld)
-        poller = _Poller(exclusive=self._exclusive)
+        poller = self._poller = _Poller(exclusive=self._exclusive)
         poller.add(self._wake_r)
         by_fd = {listener.sock.fileno(): listener for listener in self.listeners}
         registered = False
@@ -436,7 +466,8 @@ class TcpServer:
         try:
             while not self._stopping:
                 self.reap()
-                want = len(self.children) < self.options.limit
+                busy = len(self.children) + len(self._pending)
+                want = busy < self.options.limit
                 if want != registered:
                     for fd in by_fd:
                         if want:
@@ -444,12 +475,19 @@ class TcpServer:
                         else:
                             poller.remove(fd)
                     registered = want
-                for fd in poller.wait():
+                for fd in poller.wait(self._next_deadline()):
                     if fd == self._wake_r:
                         _drain(self._wake_r)
-                    elif len(self.children) < self.options.limit:
+                    elif fd in self._pending:
+                        self._proxy_ready(fd)
+                    elif fd in by_fd and len(self.children) + len(self._pending) \
+                            < self.options.limit:
                         self._accept(by_fd[fd])
+                self._expire_pending()
         finally:
+            for fd in list(self._pending):
+                self._drop_pending(fd, None)
+            self._poller = None
             poller.close()
             signal.signal(signal.SIGCHLD, old_chld)
             signal.set_wakeup_fd(old_wakeup)
@@ -540,7 +578,7 @@ class TcpServer:
         # (fd, peer) without building a socket object; socket.accept() is built on it
         accept = listener.sock._accept  # type: ignore[attr-defined]
         for _ in range(ACCEPT_BATCH):
-            if len(self.children) >= self.options.limit:
+            if len(self.children) + len(self._pending) >= self.options.limit:
                 return
             try:
                 fd, peer = accept()
@@ -551,10 +589,85 @@ class TcpServer:
                     self.log(1, f"warning: unable to accept: {exc.strerror}")
                     return
                 continue  # ECONNABORTED and the like: that client is gone
+            if self.options.trusted_proxies and self._from_proxy(fd, peer, listener):
+                continue
             try:
                 self.handle(fd, peer, listener)
             finally:
                 os.close(fd)
+
+    # -- PROXY protocol ---------------------------------------------------------------
+
+    def _from_proxy(self, fd: int, peer: tuple[str, int], listener: _Listener) -> bool:
+        """Keep a connection from a trusted proxy until its header is in (True)."""
+        try:
+            ip = parse_ip(peer[0])
+        except InvalidAddress:
+            return False
+        if ip not in self.options.trusted_proxies or self._poller is None:
+            return False
+        os.set_blocking(fd, False)
+        self._pending[fd] = _Pending((ip, int(peer[1])), listener,
+                                     time.monotonic() + self.options.proxy_timeout)
+        self._poller.add(fd, listener=False)
+        self._proxy_ready(fd)  # the header often came with the connection
+        return True
+
+    def _proxy_ready(self, fd: int) -> None:
+        pending = self._pending[fd]
+        sock = socket.socket(pending.listener.family, socket.SOCK_STREAM, 0, fd)
+        try:
+            chunk = sock.recv(MAX_HEADER_LENGTH - len(pending.seen), socket.MSG_PEEK)
+            if not chunk:
+                raise ProxyHeaderError("connection closed before the PROXY header ended")
+            take, header = header_part(pending.seen, chunk)
+            pending.seen += sock.recv(take)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ProxyHeaderError as exc:
+            self._drop_pending(fd, exc.why)
+            return
+        except OSError as exc:
+            self._drop_pending(fd, exc.strerror or str(exc))
+            return
+        finally:
+            sock.detach()
+        if header is None:
+            return
+        self._forget_pending(fd)
+        try:
+            if header.local or header.source is None:
+                self.handle(fd, pending.peer, pending.listener)
+            else:
+                self.handle(fd, header.source, pending.listener)
+        finally:
+            os.close(fd)
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the first waiting header is due (None: nothing waits)."""
+        if not self._pending:
+            return None
+        first = min(p.deadline for p in self._pending.values())
+        return max(0.0, first - time.monotonic())
+
+    def _expire_pending(self) -> None:
+        now = time.monotonic()
+        for fd, pending in list(self._pending.items()):
+            if pending.deadline <= now:
+                self._drop_pending(fd, f"no PROXY header within "
+                                       f"{self.options.proxy_timeout:g}s")
+
+    def _forget_pending(self, fd: int) -> _Pending:
+        pending = self._pending.pop(fd)
+        if self._poller is not None:
+            self._poller.remove(fd)
+        return pending
+
+    def _drop_pending(self, fd: int, why: str | None) -> None:
+        pending = self._forget_pending(fd)
+        if why is not None:
+            self.log(1, f"warning: dropping connection from proxy {pending.peer[0]}: {why}")
+        os.close(fd)
 
     # -- one connection -------------------------------------------------------------
 
@@ -669,9 +782,11 @@ class _Poller:
             flags = select.EPOLLIN | (select.EPOLLEXCLUSIVE if exclusive else 0)
         self._flags = flags
 
-    def add(self, fd: int) -> None:
+    def add(self, fd: int, *, listener: bool = True) -> None:
+        """Watch ``fd`` for input (a connection waiting for its PROXY header: not
+        ``listener``, so never EPOLLEXCLUSIVE)."""
         if self._epoll is not None:
-            self._epoll.register(fd, self._flags)
+            self._epoll.register(fd, self._flags if listener else select.EPOLLIN)
         else:
             assert self._poll is not None
             self._poll.register(fd, self._flags)
@@ -683,11 +798,13 @@ class _Poller:
             assert self._poll is not None
             self._poll.unregister(fd)
 
-    def wait(self) -> list[int]:
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Ready descriptors; at most ``timeout`` seconds (None: no limit)."""
         if self._epoll is not None:
-            return [fd for fd, _ in self._epoll.poll()]
+            return [fd for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
         assert self._poll is not None
-        return [fd for fd, _ in self._poll.poll()]
+        ms = None if timeout is None else max(1, int(timeout * 1000))
+        return [fd for fd, _ in self._poll.poll(ms)]
 
     def close(self) -> None:
         if self._epoll is not None:

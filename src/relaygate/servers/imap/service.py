@@ -86,10 +86,12 @@ from pymap.parsing import Params
 from pymap.token import AllTokens
 from pysasl import SASLAuth
 
+from relaygate.addresses import is_loopback
 from relaygate.context import Context
 from relaygate.errors import ConfigError
 from relaygate.interfaces import Account, LoginResult
 from relaygate.log import event
+from relaygate.servers.accept import Peer
 from relaygate.servers.imap import pymap_fixes
 from relaygate.servers.imap.connection import (
     CONSECUTIVE_BAD_LIMIT,
@@ -106,7 +108,7 @@ from relaygate.servers.listeners import (
     Listener,
     open_window_after_login,
     parse_listen,
-    peer_address,
+    proxy_policy,
     tls_context_of,
 )
 
@@ -222,7 +224,7 @@ class ImapService:
         self._listeners.append(listener)
         await listener.bind_streams(partial(self._accept, listener, implicit_tls),
                                     tls=self.ssl_context if implicit_tls else None,
-                                    limit=MAX_LINE)
+                                    limit=MAX_LINE, proxies=proxy_policy(self.settings))
 
     def bound_ports(self) -> list[int]:
         """TCP ports actually bound (useful with port 0), in listener order."""
@@ -256,17 +258,20 @@ class ImapService:
     # connections
 
     async def _accept(self, listener: Listener, implicit_tls: bool,
-                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      peer: Peer) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = writer
         gauge = self.ctx.metrics.connections.labels("imap")
         gauge.inc()
-        ip = peer_address(writer)
+        ip = peer.ip
+        # A listener on loopback is trusted for plaintext logins, unless a proxy
+        # forwarded the connection from elsewhere: then the client's address counts.
+        local = (ip is None or is_loopback(ip)) if peer.proxy else listener.loopback
         conn = ConnInfo(
             ip=ip, peer=ip or "local", listener=listener, tls=implicit_tls,
-            plaintext_ok=(implicit_tls or listener.loopback
-                          or self.settings.auth.allow_plaintext))
+            plaintext_ok=(implicit_tls or local or self.settings.auth.allow_plaintext))
         try:
             sock_info = SocketInfo.get(writer, None, unique_id=uuid.uuid4().bytes)
             connection = Connection(self.commands, self.config, reader, writer, sock_info,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -49,15 +50,19 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
+from relaygate.addresses import is_loopback
+from relaygate.decision import Decision, Verdict
 from relaygate.mail.rcpthosts import RcptHosts
 from relaygate.protocols.smtp_address import split_path
 from relaygate.protocols.smtp_data import DataDecoder
+from relaygate.servers.accept import Peer
 from relaygate.servers.listeners import (
     AddressLimiter,
     Listen,
     Listener,
     parse_listen,
     peer_address,
+    proxy_policy,
     tls_context_of,
 )
 from relaygate.servers.smtp.data import IncomingMessage
@@ -70,7 +75,6 @@ from relaygate.servers.smtp.handler import (
 
 if TYPE_CHECKING:
     from relaygate.context import Context
-    from relaygate.decision import Decision
     from relaygate.interfaces import Service
 
 log = logging.getLogger("relaygate.smtp")
@@ -90,6 +94,8 @@ CLIENT_FAILURES: tuple[type[BaseException], ...] = (
 DATA_READ_SIZE = 64 * 1024
 #: how often stop() looks for sessions that finished their transaction
 STOP_POLL = 0.05
+#: a trusted proxy's own connection (PROXY v2 LOCAL: a health check) relays nothing
+PROXY_LOCAL = Decision(Verdict.DENY, "the proxy's own connection (PROXY LOCAL)", "proxy")
 
 
 @dataclass(frozen=True)
@@ -118,12 +124,13 @@ class RelaySMTP(SMTP):
 
     def __init__(self, handler: RelayHandler, *, info: ListenerInfo, owner: SmtpService,
                  data_timeout: float, bad_command_limit: int, max_refused: int,
-                 **kwargs: Any) -> None:
+                 peer: Peer | None = None, **kwargs: Any) -> None:
         # aiosmtpd keeps these limits in a class-level dict that every
         # connection would share and grow; give each connection its own.
         self.command_size_limits = _command_limits()
         super().__init__(handler, **kwargs)
         self._info = info
+        self._peer = peer
         self._owner = owner
         self._data_timeout = data_timeout
         self._bad_limit = bad_command_limit
@@ -158,10 +165,16 @@ class RelaySMTP(SMTP):
             self.client.tls = True
         self._last_read = self.loop.time()
         super().connection_made(transport)
+        peer = self._peer
+        if peer is not None and peer.proxy is not None and self.session is not None:
+            # aiosmtpd took the proxy's address from the socket: name the client
+            self.session.peer = (peer.ip, peer.port)  # type: ignore[assignment]
 
     def _client_ip(self, transport: asyncio.BaseTransport) -> str | None:
         if self._info.use_override:
             return self._info.ip_override
+        if self._peer is not None:
+            return self._peer.ip  # worked out at accept (PROXY header included)
         return peer_address(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -432,14 +445,20 @@ class SmtpService:
         return (not st.smtp.auth_require_tls or st.auth.allow_plaintext
                 or (loopback and st.smtp.loopback_plaintext_auth))
 
-    def make_protocol(self, info: ListenerInfo) -> RelaySMTP:
+    def make_protocol(self, info: ListenerInfo, peer: Peer | None = None) -> RelaySMTP:
         st = self.ctx.settings
         s = st.smtp
+        if peer is not None and peer.proxy is not None:
+            # Forwarded by a trusted proxy: the client's address decides, not the listener's.
+            info = dataclasses.replace(
+                info, plaintext_auth=self.plaintext_auth(peer.ip is not None
+                                                         and is_loopback(peer.ip)),
+                fixed=PROXY_LOCAL if peer.local else info.fixed)
         starttls = None if self.implicit_tls else self.tls_context
         return RelaySMTP(
             self.handler, info=info, owner=self,
             data_timeout=s.data_timeout, bad_command_limit=s.bad_command_limit,
-            max_refused=s.max_refused_recipients,
+            max_refused=s.max_refused_recipients, peer=peer,
             hostname=self.handler.hostname, ident=IDENT,
             data_size_limit=s.max_message_size, tls_context=starttls,
             timeout=s.command_timeout,
@@ -447,12 +466,12 @@ class SmtpService:
             enable_SMTPUTF8=False, decode_data=False,
             loop=asyncio.get_running_loop())
 
-    def _factory(self, listener: Listener) -> Callable[[], RelaySMTP]:
-        def make() -> RelaySMTP:
+    def _factory(self, listener: Listener) -> Callable[[Peer], RelaySMTP]:
+        def make(peer: Peer) -> RelaySMTP:
             # listener.loopback is known: accepting starts once the bound addresses are seen
             info = ListenerInfo(self.name, self.plaintext_auth(listener.loopback),
                                 self.implicit_tls)
-            return self.make_protocol(info)
+            return self.make_protocol(info, peer)
 
         return make
 
@@ -463,7 +482,8 @@ class SmtpService:
             for listen in self.listens:
                 listener = Listener(self.name, listen)
                 self._listeners.append(listener)
-                await listener.bind(self._factory(listener), tls=tls)
+                await listener.bind(self._factory(listener), tls=tls,
+                                    proxies=proxy_policy(self.ctx.settings))
         except BaseException:
             for listener in self._listeners:
                 listener.close()
