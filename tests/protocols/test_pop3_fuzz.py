@@ -26,6 +26,7 @@ from relaygate.protocols.pop3 import (
     Retrieve,
     StartTls,
     Update,
+    encode_message,
 )
 
 BODIES = [b"Subject: a\n\n.x\nbody\n", b"no newline at end", b"", b"\r\n.\r\n..\r\n"]
@@ -196,3 +197,19 @@ def test_encoder_output_is_well_formed(body: bytes, top: int | None, cuts: list[
     out += enc.feed(rest) + enc.finish()
     check = Checker()
     check.feed(b"+OK 1 octets\r\n" + out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000) | st.lists(st.sampled_from(
+    [b"\r", b"\n", b".", b"\r\n", b"a", b".\r\n", b"\n."]), max_size=40).map(b"".join),
+       st.lists(st.integers(1, 200), max_size=20))
+def test_whole_message_encoding_equals_the_streaming_encoder(body: bytes,
+                                                             cuts: list[int]) -> None:
+    enc = MessageEncoder()
+    out = b""
+    rest = body
+    for c in cuts:
+        out += enc.feed(rest[:c])
+        rest = rest[c:]
+    out += enc.feed(rest) + enc.finish()
+    assert encode_message(body) == out

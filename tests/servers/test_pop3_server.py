@@ -720,3 +720,68 @@ async def test_reload_swaps_the_certificate_and_keeps_it_on_error(tmp_path: Path
         await asyncio.to_thread(handshake, new_ca)
     finally:
         await h.stop()
+
+
+async def test_retr_takes_one_thread_hop_per_message_and_renames_in_one(
+        pop: Pop3Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = pop.db.find_account("alice").maildir  # type: ignore[union-attr]
+    paths = [deliver(box, MSG1 + b"message %d\n" % i) for i in range(5)]
+    hops: list[str] = []
+    real = asyncio.to_thread
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    def session() -> list[list[bytes]]:
+        c = client(pop)
+        c.user("alice")
+        c.pass_("alice-pw")
+        hops.clear()
+        out = [c.retr(i)[1] for i in range(1, 6)]
+        c.dele(5)
+        assert all(p.exists() for p in paths)  # nothing renamed before QUIT
+        c.quit()
+        return out
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    bodies = await real(session)
+    assert [b[-1] for b in bodies] == [b"message %d" % i for i in range(5)]
+    # five reads, one hop for four renames and the deletion, one to free the lock
+    assert hops.count("read") == 5
+    assert len(hops) == 7, hops
+    assert sorted(f.name for f in (box / "cur").iterdir()) == sorted(
+        f"{p.name}:2,S" for p in paths[:4])
+    assert list((box / "new").iterdir()) == []
+
+
+async def test_large_message_streams_in_pieces(pop: Pop3Harness,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import relaygate.servers.pop3 as pop3_module
+    from relaygate.protocols.pop3 import encode_message
+
+    monkeypatch.setattr(pop3_module, "READ_WHOLE", 100)
+    monkeypatch.setattr(pop3_module, "SEND_CHUNK", 37)
+    box = pop.db.find_account("alice").maildir  # type: ignore[union-attr]
+    body = b"Subject: big\n\n" + b"".join(b".line %d\r\n" % i for i in range(200)) + b"end"
+    deliver(box, body)
+
+    def wire() -> bytes:
+        with socket.create_connection(("127.0.0.1", pop.port()), 10,
+                                      source_address=("127.0.0.2", 0)) as s:
+            s.sendall(b"USER alice\r\nPASS alice-pw\r\nRETR 1\r\nTOP 1 2\r\nQUIT\r\n")
+            data = b""
+            while not data.endswith(b"signing off\r\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data
+
+    data = await asyncio.to_thread(wire)
+    retr = data.split(b" octets\r\n", 1)[1]
+    assert retr.startswith(encode_message(body))
+    top = retr[len(encode_message(body)):]
+    assert top.startswith(b"+OK ")
+    assert top.split(b"\r\n", 1)[1].startswith(
+        b"Subject: big\r\n\r\n..line 0\r\n..line 1\r\n.\r\n+OK ")

@@ -231,11 +231,50 @@ class MaildirMailbox:
         except OSError as exc:
             raise MailboxError(f"cannot open {path}: {exc}") from exc
 
+    def read(self, msg: Message, limit: int) -> tuple[bytes, BinaryIO | None]:
+        """Open a message and read it in one call (one thread hop for the server).
+
+        A message of at most ``limit`` octets comes back whole, its file closed:
+        ``(data, None)``. A larger one comes back as its first ``limit`` octets
+        and the open file, positioned after them, for the caller to go on
+        reading and close. MailboxError if it vanished or cannot be read.
+        """
+        f = self.open(msg)
+        try:
+            data = f.read(limit + 1)
+        except OSError as exc:
+            f.close()
+            raise MailboxError(f"cannot read {msg.path}: {exc}") from exc
+        if len(data) <= limit:
+            f.close()
+            return data, None
+        f.seek(limit)
+        return data[:limit], f
+
+    def mark_seen_all(self, messages: list[Message]) -> None:
+        """:meth:`mark_seen` for each message, in one call (one thread hop)."""
+        for msg in messages:
+            self.mark_seen(msg)
+
     def mark_seen(self, msg: Message) -> None:
         """``new/NAME`` -> ``cur/NAME:2,S``; in cur/, add ``S`` to the flags."""
-        path = self.locate(msg)
-        if path is None:
+        path = msg.path
+        if path.parent.name == "new":
+            # The common case, one system call: rename from where the scan saw it.
+            target = self.path / "cur" / f"{msg.name}:2,S"
+            try:
+                os.rename(path, target)
+                msg.path = target
+                return
+            except FileNotFoundError:
+                pass  # renamed or removed by someone else meanwhile: look for it
+            except OSError as exc:
+                log.warning("cannot mark %s seen: %s", path, exc)
+                return
+        found = self.locate(msg)
+        if found is None:
             return
+        path = found
         if path.parent.name == "new":
             target = self.path / "cur" / f"{_base(path.name)}:2,S"
         else:

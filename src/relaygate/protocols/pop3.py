@@ -662,6 +662,26 @@ def _is_md5_hex(s: str) -> bool:
 # -- message encoding ----------------------------------------------------------
 
 
+def encode_message(data: bytes) -> bytes:
+    """A whole stored message -> RETR wire form, terminator included.
+
+    The same bytes as :class:`MessageEncoder` (no ``top``) fed ``data`` in any
+    pieces, made with a few C-level passes instead of a loop over lines: the
+    server sends a message it read in one go this way.
+    """
+    if not data:
+        return b".\r\n"
+    wire = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+    if wire.startswith(b"."):
+        wire = b"." + wire
+    if wire.endswith(b"\r") and not wire.endswith(b"\r\n"):
+        # A last line ending in a bare CR: that CR is its line end (as in the encoder).
+        wire = wire[:-1] + b"\r\n"
+    elif not wire.endswith(b"\n"):
+        wire += b"\r\n"
+    return wire + b".\r\n"
+
+
 class MessageEncoder:
     """Stored message bytes -> RETR/TOP wire form (CRLF, dot-stuffed, ``.CRLF`` end).
 

@@ -16,8 +16,14 @@ broken store never costs mail access (and relaying fails closed elsewhere).
 The window opens on correct credentials even when the mailbox then turns out
 to be in use: the person proved who they are.
 
-Maildir semantics: RETR, once the whole message is sent, moves it from new/
-to cur/ with the ``S`` flag (TOP does not: it is a peek). DELE only marks;
+Maildir semantics: RETR, once the whole message is sent, marks it to move
+from new/ to cur/ with the ``S`` flag (TOP does not: it is a peek); the moves
+are made together, in one thread hop, at QUIT or when the session ends
+otherwise (a dropped connection too). A message up to 1 MiB is opened, read
+and closed in one thread hop and encoded with C-level byte replaces
+(:func:`relaygate.protocols.pop3.encode_message`); a larger one streams in
+256 KiB reads. ``sendfile`` does not fit: the wire form differs from the file
+(CRLF, dot-stuffing), and TLS sessions could not use it anyway. DELE only marks;
 the files go in the UPDATE state after QUIT (RFC 1939 section 6); a dropped
 connection, a timeout or a server stop deletes nothing. One session per
 mailbox (``-ERR [IN-USE]``, RFC 2449 section 8.1.2): see
@@ -56,6 +62,7 @@ from relaygate.mail.mailbox import (
     SizeCache,
     lock_mailbox,
 )
+from relaygate.mail.uidlist import forget_deleted
 from relaygate.protocols.pop3 import (
     ApopLogin,
     Close,
@@ -68,6 +75,7 @@ from relaygate.protocols.pop3 import (
     Retrieve,
     StartTls,
     Update,
+    encode_message,
 )
 from relaygate.servers.accept import Peer
 from relaygate.servers.listeners import (
@@ -88,7 +96,9 @@ log = logging.getLogger("relaygate.pop3")
 
 #: bytes asked of the socket per read; the core keeps at most one line of it
 READ_SIZE = 4096
-#: bytes read from a message file per thread hop while sending it
+#: a message up to this size is read whole in one thread hop and sent at once
+READ_WHOLE = 1024 * 1024
+#: bytes read per thread hop from a larger message while sending it
 SEND_CHUNK = 256 * 1024
 
 
@@ -104,6 +114,8 @@ class _Session:
     lock: MailboxLock | None = None
     mailbox: MaildirMailbox | None = None
     messages: list[Message] = field(default_factory=list)
+    #: retrieved messages not yet moved new/ -> cur/ (by name)
+    seen: dict[str, Message] = field(default_factory=dict)
 
 
 class Pop3Service:
@@ -222,6 +234,11 @@ class Pop3Service:
             # Never show the client why; log it for the admin.
             log.exception("pop3 session from %s failed", session.ip)
         finally:
+            if session.seen:
+                try:
+                    await self._flush(session, [])
+                except Exception:
+                    log.exception("pop3: cannot mark the messages of %s seen", session.user)
             if session.lock is not None:
                 lock, session.lock = session.lock, None
                 await asyncio.shield(asyncio.to_thread(lock.release))
@@ -385,43 +402,72 @@ class Pop3Service:
         mailbox = session.mailbox
         msg = session.messages[ev.index]
         try:
-            f = await asyncio.to_thread(mailbox.open, msg)
+            # One thread hop: open, read (all of it up to READ_WHOLE), close.
+            data, f = await asyncio.to_thread(mailbox.read, msg, READ_WHOLE)
         except MailboxError as exc:
             log.warning("pop3: %s", exc)
             conn.retrieve_failed()
             return
         try:
             conn.retrieve_started()
-            writer.write(conn.data_to_send())
-            encoder = MessageEncoder(ev.top)
-            while not encoder.done:
-                chunk = await asyncio.to_thread(f.read, SEND_CHUNK)
-                if not chunk:
-                    break
-                out = encoder.feed(chunk)
-                if out:
-                    writer.write(out)
-                    await asyncio.wait_for(writer.drain(), timeout)
-            writer.write(encoder.finish())
-            await asyncio.wait_for(writer.drain(), timeout)
+            head = conn.data_to_send()
+            if f is None and ev.top is None:
+                writer.write(head + encode_message(data))
+            else:
+                writer.write(head)
+                encoder = MessageEncoder(ev.top)
+                out = encoder.feed(data)
+                while True:
+                    if out:
+                        writer.write(out)
+                        async with asyncio.timeout(timeout):
+                            await writer.drain()
+                    if f is None or encoder.done:
+                        break
+                    chunk = await asyncio.to_thread(f.read, SEND_CHUNK)
+                    if not chunk:
+                        break
+                    out = encoder.feed(chunk)
+                writer.write(encoder.finish())
+            async with asyncio.timeout(timeout):
+                await writer.drain()
         finally:
-            await asyncio.to_thread(f.close)
+            if f is not None:
+                await asyncio.to_thread(f.close)
         if ev.top is None:
-            await asyncio.to_thread(mailbox.mark_seen, msg)
+            # new/ -> cur/ waits for the UPDATE state or the session's end: one
+            # thread hop for all of them (see _flush).
+            session.seen[msg.name] = msg
+
+    async def _flush(self, session: _Session, deleted: list[Message]) -> int:
+        """Mark the retrieved messages seen and remove ``deleted``, in one thread hop.
+
+        Runs at QUIT (RFC 1939 section 6, the UPDATE state) and when a session
+        ends without it (a dropped connection deletes nothing but keeps what it
+        read seen). Returns the deletions that failed.
+        """
+        mailbox = session.mailbox
+        gone = {m.name for m in deleted}
+        seen = [m for m in session.seen.values() if m.name not in gone]
+        session.seen.clear()
+        if mailbox is None or not (seen or deleted):
+            return 0
+
+        def apply() -> int:
+            mailbox.mark_seen_all(seen)
+            removed = [m for m in deleted if mailbox.delete(m)]
+            forget_deleted(str(mailbox.path), [m.name for m in removed])  # and their IMAP UIDs
+            return len(deleted) - len(removed)
+
+        return await asyncio.shield(asyncio.to_thread(apply))
 
     async def _update(self, session: _Session, ev: Update) -> int:
         """RFC 1939 section 6: remove the messages marked deleted; return the failures."""
-        mailbox = session.mailbox
-        if mailbox is None or not ev.deleted:
-            return 0
-        doomed = [session.messages[i] for i in ev.deleted]
-
-        def remove() -> int:
-            return sum(0 if mailbox.delete(m) else 1 for m in doomed)
-
-        failed = await asyncio.shield(asyncio.to_thread(remove))
-        event("pop3.update", user=session.user, deleted=len(doomed),
-              failed=failed or None)
+        doomed = [session.messages[i] for i in ev.deleted] if session.mailbox else []
+        failed = await self._flush(session, doomed)
+        if doomed:
+            event("pop3.update", user=session.user, deleted=len(doomed),
+                  failed=failed or None)
         return failed
 
 

@@ -79,6 +79,7 @@ from relaygate.mail.accounts.hashes import (
     hasher_description,
     normalize_imported_hash,
     production_hasher,
+    verify_argon2,
 )
 from relaygate.mail.accounts.throttle import Attempt, Throttle
 from relaygate.mail.maildir import ensure_maildir
@@ -462,10 +463,10 @@ class UserDB:
     def _check(self, stored: str, password: str) -> bool:
         try:
             if stored.startswith("$argon2"):
-                return bool(self.hasher.verify(stored, password))
+                return verify_argon2(self.hasher, stored, password)
             scheme = hash_scheme(stored)
             if scheme == "unknown":
-                self.hasher.verify(self._dummy(), password)
+                verify_argon2(self.hasher, self._dummy(), password)
                 return False
             return bool(crypt_handler(scheme).verify(password, stored))
         except (VerifyMismatchError, VerificationError, InvalidHashError):

@@ -11,41 +11,55 @@ package's service module for the whole picture.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
+from datetime import datetime
 from mailbox import MaildirMessage
 from pathlib import Path
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from pymap.backend.maildir import Config as MaildirConfig
 from pymap.backend.maildir import FilterSet
 from pymap.backend.maildir import Session as MaildirSession
 from pymap.backend.maildir.layout import DefaultLayout
-from pymap.backend.maildir.mailbox import MailboxData, MailboxSet, Maildir, Message
+from pymap.backend.maildir.mailbox import (
+    LoadedMessage,
+    MailboxData,
+    MailboxSet,
+    Maildir,
+    Message,
+)
 from pymap.backend.maildir.uidlist import Record, UidList
 from pymap.concurrent import Event
 from pymap.exceptions import ResponseError
+from pymap.flags import FlagOp
+from pymap.interfaces.message import CachedMessage
+from pymap.mime import MessageContent
 from pymap.parsing.message import AppendMessage
 from pymap.parsing.response import (
     Response,
     ResponseCode,
     ResponseNo,
 )
-from pymap.parsing.specials import ObjectId
+from pymap.parsing.specials import FetchRequirement, ObjectId, SequenceSet
+from pymap.parsing.specials.flag import Flag
 from pymap.selected import SelectedMailbox
 
 from relaygate.interfaces import Account
-from relaygate.mail.mailbox import delivery_order
 from relaygate.mail.maildir import deliver
+from relaygate.mail.uidlist import FileMeta, Index, forget, read_messages, refresh
 
 log = logging.getLogger("relaygate.imap")
 
 #: longest Maildir++ directory name in octets: "A/B/C" is stored as ".A.B.C",
 #: one directory entry, and file systems stop at 255
 MAX_FOLDER_NAME = 255
+#: a FETCH or SEARCH reads message files in batches of about this many bytes per thread hop
+READ_AHEAD_BYTES = 1 << 20
 #: seconds between an IDLE session's checks for new mail (pymap's interval)
 IDLE_POLL_INTERVAL = 1.0
 #: a folder whose stamps (directory and uidlist mtimes) are older than this is
@@ -110,17 +124,88 @@ def store_message(root: Path, data: bytes, *, recent: bool, flags: str,
     return path.name
 
 
-class Folder(MailboxData):
-    """One folder; APPEND and COPY write the bytes themselves; IDLE polls cheaply.
+def _rename(root: str, meta: FileMeta, name: str) -> FileMeta | None:
+    """Rename a message file to ``name`` in its directory (new flags); None if gone."""
+    try:
+        os.rename(os.path.join(root, meta.subdir, meta.name),
+                  os.path.join(root, meta.subdir, name))
+    except FileNotFoundError:
+        return None
+    return FileMeta(meta.subdir, name, meta.mtime, meta.size)
 
-    pymap re-reads a folder (lock file, uidlist, listdir and a stat of every
-    message) before every command and once a second per IDLE session. When
-    the folder's directories and uidlist have not changed since the last scan,
-    nothing can have changed: :meth:`reset` and IDLE's polls skip the scan.
+
+def _expunge(path: str, root: str, files: list[tuple[str, FileMeta]]) -> None:
+    """Unlink messages and drop their uidlist entries (blocking: one thread hop)."""
+    for _, meta in files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(root, meta.subdir, meta.name))
+    forget(path, [key for key, _ in files])
+
+
+def _claim_new(root: str) -> set[str]:
+    """Move every file of ``new/`` to ``cur/``; their keys (blocking)."""
+    claimed: set[str] = set()
+    new = os.path.join(root, "new")
+    for name in os.listdir(new):
+        if name.startswith("."):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(os.path.join(new, name), os.path.join(root, "cur", name))
+            claimed.add(name.split(":", 1)[0])
+    return claimed
+
+
+class IndexedMessage(Message):
+    """A message listed by a folder's index; its content comes through the folder's
+    read-ahead (files read and parsed in a thread, several per hop)."""
+
+    __slots__ = ["_folder"]
+
+    def __init__(self, *args: Any, folder: Folder | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._folder = folder
+
+    async def load_content(self, requirement: FetchRequirement) -> LoadedMessage:
+        key = self._key
+        if self._folder is None or key is None \
+                or requirement.has_none(FetchRequirement.CONTENT):
+            return await super().load_content(requirement)
+        content = await self._folder.content_of(key)
+        return LoadedMessage(self, requirement, content)
+
+
+def _load_batch(root: str, batch: list[tuple[str, FileMeta]]) -> dict[str, MessageContent | None]:
+    """Read and parse a batch of messages (blocking: runs in a thread)."""
+    out: dict[str, MessageContent | None] = {}
+    for key, data in read_messages(root, batch).items():
+        out[key] = None if data is None else MessageContent.parse(to_crlf(data))
+    return out
+
+
+class Folder(MailboxData):
+    """One folder over an in-memory :class:`~relaygate.mail.uidlist.Index`.
+
+    pymap re-read the uidlist for every message and stat()ed every file on the
+    event loop. Here each command refreshes the index once, in a thread
+    (:meth:`reset`); listing, FETCH metadata and snapshots are served from
+    memory; message contents are read and parsed in a thread, up to
+    :data:`READ_AHEAD_BYTES` per hop, in the order the command will ask for
+    them. IDLE polls only the directories' stamps (:meth:`_signature`).
     """
 
-    _reset_sig: tuple[int, ...] | None = None
     _idle_sig: tuple[int, ...] | None = None
+
+    def __init__(self, mailbox_id: ObjectId, maildir: Maildir, path: str) -> None:
+        super().__init__(mailbox_id, maildir, path)
+        self._index = Index()
+        self._plan: dict[str, int] = {}
+        self._plan_order: list[str] = []
+        self._buffer: dict[str, MessageContent | None] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def index(self) -> Index:
+        return self._index
 
     def _signature(self) -> tuple[int, ...] | None:
         """The folder's change stamp, or None when it is too fresh to trust."""
@@ -143,13 +228,150 @@ class Folder(MailboxData):
             sig += (st.st_ino, st.st_mtime_ns)
         return tuple(sig)
 
+    async def _refresh(self) -> Index:
+        self._index = await asyncio.to_thread(refresh, self._index, self.folder_path,
+                                              str(self.maildir.root))
+        self._uid_validity = self._index.uid_validity
+        self._next_uid = self._index.next_uid
+        return self._index
+
     async def reset(self) -> MailboxData:
-        sig = self._signature()
-        if sig is not None and sig == self._reset_sig:
-            return self
-        result = await super().reset()
-        self._reset_sig = sig  # taken before the scan: a change during it is seen next time
-        return result
+        await self._refresh()
+        return self
+
+    def _message(self, rec: Record, meta: FileMeta) -> IndexedMessage:
+        flags = self.maildir_flags.from_maildir(meta.flags)
+        return IndexedMessage(rec.uid, datetime.fromtimestamp(meta.mtime), flags,
+                              email_id=ObjectId.maybe(rec.fields.get("E")),
+                              thread_id=ObjectId.maybe(rec.fields.get("T")),
+                              recent=meta.subdir == "new", maildir=self.maildir,
+                              key=rec.key, folder=self)
+
+    async def messages(self) -> AsyncIterable[Message]:
+        for rec, meta in list(self._index.live()):
+            yield self._message(rec, meta)
+
+    async def _get_maildir_msg(self, uid: int) -> tuple[Record, MaildirMessage]:
+        found = self._index.lookup(uid)
+        if found is None:
+            raise KeyError(uid)
+        rec, meta = found
+        msg = MaildirMessage()
+        msg.set_subdir("new" if meta.subdir == "new" else "cur")
+        if meta.info:
+            msg.set_info(meta.info)
+        msg.set_date(meta.mtime)
+        return rec, msg
+
+    async def get(self, uid: int, cached_msg: CachedMessage) -> Message:
+        found = self._index.lookup(uid)
+        if found is None:
+            return Message.copy_expunged(cached_msg)
+        return self._message(*found)
+
+    async def update(self, uid: int, cached_msg: CachedMessage,
+                     flag_set: frozenset[Flag], mode: FlagOp) -> Message:
+        found = self._index.lookup(uid)
+        if found is None:
+            msg = Message.copy_expunged(cached_msg)
+            msg.permanent_flags = mode.apply(msg.permanent_flags, flag_set)
+            return msg
+        rec, meta = found
+        old = self.maildir_flags.from_maildir(meta.flags)
+        new = mode.apply(old, flag_set)
+        if new != old:
+            name = f"{rec.key}{self.maildir.colon}2,{self.maildir_flags.to_maildir(new)}"
+            root = str(self.maildir.root)
+            renamed = await asyncio.to_thread(_rename, root, meta, name)
+            if renamed is not None:
+                meta = renamed
+                cast(dict[str, FileMeta], self._index.files)[rec.key] = meta
+        return self._message(rec, meta)
+
+    async def delete(self, uids: Iterable[int]) -> None:
+        index = self._index
+        gone = [found for found in map(index.lookup, uids) if found is not None]
+        if gone:
+            await asyncio.to_thread(_expunge, self.folder_path, str(self.maildir.root),
+                                    [(rec.key, meta) for rec, meta in gone])
+
+    async def claim_recent(self, selected: SelectedMailbox) -> None:
+        claimed = await asyncio.to_thread(_claim_new, str(self.maildir.root))
+        if claimed:
+            index = await self._refresh()
+            for rec in index.records.values():
+                if rec.key in claimed:
+                    selected.session_flags.add_recent(rec.uid)
+
+    async def find(self, seq_set: SequenceSet, selected: SelectedMailbox
+                   ) -> AsyncIterable[tuple[int, Message]]:
+        found = [(seq, await self.get(cached.uid, cached))
+                 for seq, cached in selected.messages.get_all(seq_set)]
+        self.plan([msg for _, msg in found])
+        for item in found:
+            yield item
+
+    def plan(self, messages: Sequence[Message]) -> None:
+        """The order in which the current command will load these messages' contents."""
+        self._buffer.clear()
+        self._plan_order = [m._key for m in messages if isinstance(m, IndexedMessage)
+                            and m._key is not None]
+        self._plan = {key: i for i, key in enumerate(self._plan_order)}
+
+    async def content_of(self, key: str) -> MessageContent | None:
+        """The parsed content of a message, None if it is gone.
+
+        Read in batches of about :data:`READ_AHEAD_BYTES` in a thread; while the
+        loop sends one batch, the next one (in the planned order) is read.
+        """
+        if key not in self._buffer:
+            task = self._inflight.get(key)
+            if task is None:
+                task = self._start_batch(key)
+            if task is not None:
+                await task
+        content = self._buffer.pop(key, None)
+        pos = self._plan.get(key)
+        if pos is not None and not self._inflight:
+            for later in self._plan_order[pos + 1:]:
+                if later not in self._buffer:
+                    self._start_batch(later)
+                    break
+        return content
+
+    def _start_batch(self, key: str) -> asyncio.Task[None] | None:
+        files = self._index.files
+        meta = files.get(key)
+        if meta is None:
+            return None
+        batch = [(key, meta)]
+        pos = self._plan.get(key)
+        if pos is not None:
+            total = meta.size
+            for later in self._plan_order[pos + 1:]:
+                if total >= READ_AHEAD_BYTES:
+                    break
+                nxt = files.get(later)
+                if nxt is None or later in self._buffer or later in self._inflight:
+                    continue
+                batch.append((later, nxt))
+                total += nxt.size
+        task = asyncio.ensure_future(self._load(batch))
+        for k, _ in batch:
+            self._inflight[k] = task
+        return task
+
+    async def _load(self, batch: list[tuple[str, FileMeta]]) -> None:
+        try:
+            found = await asyncio.to_thread(_load_batch, str(self.maildir.root), batch)
+        except OSError as exc:
+            log.warning("cannot read messages in %s: %s", self.maildir.root, exc)
+            found = {}
+        finally:
+            for k, _ in batch:
+                self._inflight.pop(k, None)
+        for k, _ in batch:
+            self._buffer[k] = found.get(k)
 
     async def update_selected(self, selected: SelectedMailbox, *,
                               wait_on: Event | None = None) -> SelectedMailbox:
@@ -163,16 +385,10 @@ class Folder(MailboxData):
         sig = self._signature()
         if sig is not None and sig == self._idle_sig:
             return selected
+        await self._refresh()
         result = await super().update_selected(selected)
         self._idle_sig = sig
         return result
-
-    async def _get_keys(self) -> dict[str, str]:
-        # pymap assigns UIDs to new files in this dict's order, which is
-        # listdir order (arbitrary); RFC 3501 2.3.1.1 wants arrival order.
-        keys = await super()._get_keys()
-        # Same order as POP3 (seconds, microseconds, delivery counter).
-        return dict(sorted(keys.items(), key=lambda kv: delivery_order(kv[0])))
 
     @property
     def maildir(self) -> RawMaildir:
@@ -214,9 +430,10 @@ class Folder(MailboxData):
         dest = cast(Folder, destination)
         try:
             record, metadata = await self._get_maildir_msg(uid)
-            source = self.maildir.file_of(record.key)
-        except (KeyError, FileNotFoundError):
+        except KeyError:
             return None
+        meta = self._index.files[record.key]
+        source = self.maildir.root / meta.subdir / meta.name
 
         def copy_file() -> str | None:
             try:
@@ -331,3 +548,14 @@ class AccountSession(MaildirSession):
                  filter_set: FilterSet) -> None:
         super().__init__(account.login, config, mailbox_set, filter_set)
         self.account: Final = account
+
+    async def fetch_messages(self, selected: SelectedMailbox, sequence_set: SequenceSet,
+                             set_seen: bool) -> tuple[Iterable[tuple[int, Message]],
+                                                      SelectedMailbox]:
+        messages, updates = await super().fetch_messages(selected, sequence_set, set_seen)
+        found = list(messages)
+        folders = {id(m._folder): m._folder for _, m in found
+                   if isinstance(m, IndexedMessage) and m._folder is not None}
+        for folder in folders.values():
+            folder.plan([m for _, m in found])  # FETCH loads contents in this order
+        return found, updates
