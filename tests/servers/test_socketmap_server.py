@@ -251,3 +251,24 @@ async def test_ok_answers_counted_for_the_migration_report(tmp_path: Path) -> No
     assert {u.account: u.counts for u in read_report(tmp_path)} == {
         "alice": {"window": 2, "auth": 0, "rule": 0},
         "[127.0.0.9]": {"window": 0, "auth": 0, "rule": 1}}
+
+
+async def test_client_behind_a_trusted_proxy_is_named_by_its_proxy_header(
+        caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(trusted_proxies=("127.0.0.1",),
+                        socketmap=SocketmapSettings(listen=("127.0.0.1:0",)))
+    ctx = Context(settings, RelayControl(MemoryStore(), None, expiry=600), Metrics())
+    service = make_service(ctx)
+    await service.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(service))
+        with caplog.at_level(logging.WARNING, logger="relaygate.socketmap"):
+            writer.write(b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 25\r\n"
+                         + lookup("127.0.0.3") + b"x:bad,")
+            assert await asyncio.wait_for(reader.read(), 5) == NOTFOUND
+        assert "socketmap client 192.0.2.7: " in caplog.text
+        assert "closing the connection" in caplog.text
+        assert "client 127.0.0.1" not in caplog.text
+        writer.close()
+    finally:
+        await service.stop(1)

@@ -76,7 +76,7 @@ import socket
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from relaygate.context import Context
 from relaygate.control import RelayControl
@@ -86,7 +86,6 @@ from relaygate.grants import Grant
 from relaygate.log import event
 from relaygate.protocols.policy import (
     Answer,
-    Ask,
     PolicyProtocolError,
     PolicyReader,
     PolicyRequest,
@@ -130,14 +129,48 @@ _EVENTS = logging.getLogger("relaygate.events")
 _INTERNAL_ERROR = Decision(Verdict.TEMPFAIL, "internal error", "error")
 
 
-class _PolicyConnection(asyncio.BufferedProtocol):
+class _Reader(Protocol):
+    """What :class:`ServiceConnection` needs of a protocol's reader."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def buffered(self) -> int: ...
+
+    def receive_data(self, data: bytes | memoryview) -> None: ...
+
+
+class ServiceConnection(asyncio.BufferedProtocol):
+    """One client connection of a :class:`PolicyService` (policy or socketmap): reads
+    into the service's buffer, holds the client back while a decision is pending or
+    its answers are not read, and writes the answers through the service.
+
+    A subclass names its ``service`` (metrics label and log wording), ``log``,
+    ``protocol_error`` and reader, and handles the requests (``_process``, ``_reply``).
+    """
+
+    #: the service's name: the connections metric's label and the log lines' wording
+    service_name = "?"
+    #: where the connection's warnings and idle closes are logged
+    log = logging.getLogger("relaygate.policy")
+    #: what the reader raises on a malformed request
+    protocol_error: type[Exception] = Exception
+    #: the end of the log line when a protocol error closes the connection
+    abort_wording = "closing the connection"
+    #: after the client's EOF, a decision that completes closes the connection at once
+    #: (requests still buffered get no answer) rather than answering them first
+    close_after_eof = False
+    reader: _Reader
+
     def __init__(self, service: PolicyService) -> None:
         self.service = service
+        # read into the service's one buffer (module docstring); the reader copies
+        # what it keeps
         self.buffer = service.read_buffer
-        self.reader = PolicyReader()
         self.transport: asyncio.Transport | None = None
-        #: the client (an smtpd; named by the PROXY header behind a load balancer), set
-        #: by the service when the connection is accepted
+        #: the client (named by the PROXY header behind a load balancer), set by the
+        #: service when the connection is accepted
         self.peer = "?"
         #: a decision for this connection is being made (requests wait in the reader)
         self.pending = False
@@ -147,9 +180,6 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         self.write_paused = False
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
-        self.requests = 0
-        #: the request being answered (its sender, recipient... go into the relayed log)
-        self.request: PolicyRequest | None = None
         #: answers not written yet: the service writes them at the end of the loop
         #: iteration (:meth:`PolicyService.queue_output`), all of a connection's at once
         self.out: list[bytes] = []
@@ -160,12 +190,12 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.service.connections.add(self)
-        self.service.ctx.metrics.connections.labels("policy").inc()
+        self.service.ctx.metrics.connections.labels(self.service_name).inc()
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.service.connections.discard(self)
-        self.service.ctx.metrics.connections.labels("policy").dec()
+        self.service.ctx.metrics.connections.labels(self.service_name).dec()
         self.transport = None
         self.out.clear()
 
@@ -178,12 +208,12 @@ class _PolicyConnection(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         try:
             self.reader.receive_data(data)
-        except PolicyProtocolError as exc:
+        except self.protocol_error as exc:
             self._abort(str(exc))
             return
         self._arm_idle()
         if self.pending:
-            # Postfix waits for each answer; a client that pipelines while a decision
+            # The MTA waits for each answer; a client that pipelines while a decision
             # is pending is held back once it has a request's worth buffered.
             if self.reader.buffered > _PIPELINE_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
@@ -204,7 +234,7 @@ class _PolicyConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        with contextlib.suppress(PolicyProtocolError):
+        with contextlib.suppress(self.protocol_error):
             self.reader.receive_data(b"")
         self._process()
         # Returning False closes our side once the answers are written (so write them
@@ -213,6 +243,88 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         return self.pending
 
     # -- requests ------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Answer the complete requests in the reader, until a decision is pending."""
+        raise NotImplementedError
+
+    def _reply(self, ip: str, decision: Decision) -> None:
+        """Count, answer and log one relay decision."""
+        raise NotImplementedError
+
+    def _ask(self, ip: str) -> None:
+        """Have the thread path decide for ``ip``; requests wait until it has."""
+        self.pending = True
+        self.service.batcher.submit(ip, self._decided)
+
+    def _decided(self, ip: str, decision: Decision) -> None:
+        self.pending = False
+        self._reply(ip, decision)
+        if self.transport is None:
+            return
+        if self.close_after_eof and self.reader.closed:
+            self.close()
+            return
+        if self.paused:
+            self.paused = False
+            if not self.write_paused:
+                self.transport.resume_reading()
+        self._process()
+
+    def _send(self, answer: bytes) -> None:
+        if self.transport is None:
+            return
+        if not self.out:
+            self.service.queue_output(self)
+        self.out.append(answer)
+
+    def flush(self) -> None:
+        """Write the answers made so far (one write, so one send(2) for all of them)."""
+        out = self.out
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def close(self) -> None:
+        """Close after the answers made so far are written."""
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self, why: str) -> None:
+        # The answers to the good requests before the bad one still go out; the bad one
+        # gets none, and whatever the client sent after it is dropped.
+        self.log.warning("%s client %s: %s; %s", self.service_name, self.peer, why,
+                         self.abort_wording)
+        self.flush()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _arm_idle(self) -> None:
+        # A timestamp, not a timer per request: the service's sweep closes idle ones.
+        self.last_active = self.loop.time()
+
+    def close_if_idle(self, now: float) -> None:
+        if self.pending or now - self.last_active < self.service.idle_timeout:
+            return
+        self.log.info("%s client %s idle for %ss; closing", self.service_name, self.peer,
+                      self.service.idle_timeout)
+        self.close()
+
+
+class _PolicyConnection(ServiceConnection):
+    service_name = "policy"
+    protocol_error = PolicyProtocolError
+    abort_wording = "closing without an answer"
+    close_after_eof = True
+    reader: PolicyReader
+
+    def __init__(self, service: PolicyService) -> None:
+        super().__init__(service)
+        self.reader = PolicyReader()
+        self.requests = 0
+        #: the request being answered (its sender, recipient... go into the relayed log)
+        self.request: PolicyRequest | None = None
 
     def _process(self) -> None:
         service = self.service
@@ -238,25 +350,7 @@ class _PolicyConnection(asyncio.BufferedProtocol):
                 if decision is not None:
                     self._reply(what.ip, decision)
                     continue
-            self._ask(what)
-
-    def _ask(self, ask: Ask) -> None:
-        self.pending = True
-        self.service.batcher.submit(ask.ip, self._decided)
-
-    def _decided(self, ip: str, decision: Decision) -> None:
-        self.pending = False
-        self._reply(ip, decision)
-        if self.transport is None:
-            return
-        if self.reader.closed:
-            self.close()
-            return
-        if self.paused:
-            self.paused = False
-            if not self.write_paused:
-                self.transport.resume_reading()
-        self._process()
+            self._ask(what.ip)
 
     def _reply(self, ip: str, decision: Decision) -> None:
         """Count, answer and log one relay decision."""
@@ -283,44 +377,6 @@ class _PolicyConnection(asyncio.BufferedProtocol):
         if answer.kind != "other-request":
             event("relay.decision", level=logging.DEBUG, service="policy",
                   action=answer.action, reason=answer.reason)
-
-    def _send(self, answer: bytes) -> None:
-        if self.transport is None:
-            return
-        if not self.out:
-            self.service.queue_output(self)
-        self.out.append(answer)
-
-    def flush(self) -> None:
-        """Write the answers made so far (one write, so one send(2) for all of them)."""
-        out = self.out
-        if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
-
-    def close(self) -> None:
-        """Close after the answers made so far are written."""
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def _abort(self, why: str) -> None:
-        # The answers to the good requests before the bad one still go out; the bad one
-        # gets none, and whatever the client sent after it is dropped.
-        log.warning("policy client %s: %s; closing without an answer", self.peer, why)
-        self.flush()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _arm_idle(self) -> None:
-        # A timestamp, not a timer per request: the service's sweep closes idle ones.
-        self.last_active = self.loop.time()
-
-    def close_if_idle(self, now: float) -> None:
-        if self.pending or now - self.last_active < self.service.idle_timeout:
-            return
-        log.info("policy client %s idle for %ss; closing", self.peer, self.service.idle_timeout)
-        self.close()
 
 
 class _Batcher:
@@ -584,7 +640,7 @@ class PolicyService:
 
     def _connection(self, peer: Peer) -> asyncio.BaseProtocol:
         proto = self.connection(self)
-        if isinstance(proto, _PolicyConnection):
+        if isinstance(proto, ServiceConnection):
             proto.peer = peer.shown  # the smtpd's address, PROXY header included
         return proto
 

@@ -13,7 +13,10 @@ Everything but the protocol is the policy service's
 (:class:`~relaygate.servers.policy.PolicyService`): listeners (TCP and UNIX
 sockets with their mode and group), lookups on the event loop for the local
 stores and in a thread pool for the others, answers written once per loop
-iteration, the idle sweep and the stop. This module adds the connection: a
+iteration, the idle sweep and the stop; and the connection's plumbing
+(:class:`~relaygate.servers.policy.ServiceConnection`: the shared read buffer, flow
+control, answer writing, the client's address from the PROXY header behind a trusted
+load balancer). This module adds the protocol: a
 :class:`~relaygate.protocols.socketmap.SocketmapReader` per client, requests
 answered in order, a malformed netstring closes the connection (there is no
 error reply in the protocol), as does ``socketmap.idle_timeout`` of silence.
@@ -21,7 +24,6 @@ error reply in the protocol), as does ``socketmap.idle_timeout`` of silence.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from relaygate.context import Context
@@ -39,86 +41,22 @@ from relaygate.protocols.socketmap import (
 )
 from relaygate.relaystats import count_relayed
 from relaygate.servers.listeners import Listen, parse_listen
-from relaygate.servers.policy import PolicyService
+from relaygate.servers.policy import PolicyService, ServiceConnection
 
 log = logging.getLogger("relaygate.socketmap")
 _EVENTS = logging.getLogger("relaygate.events")
 
-#: Bytes a client may send ahead while a lookup is pending before we stop reading
-#: (Sendmail and Postfix wait for each answer; a request is a few dozen bytes).
-_PIPELINE_LIMIT = 64 * 1024
 
+class _SocketmapConnection(ServiceConnection):
+    service_name = "socketmap"
+    log = log
+    protocol_error = SocketmapProtocolError
+    reader: SocketmapReader
 
-class _SocketmapConnection(asyncio.BufferedProtocol):
     def __init__(self, service: SocketmapService) -> None:
-        self.service = service
-        # read into the service's one buffer, as the policy service does (no 256 KiB
-        # allocation per read); the reader copies what it keeps
-        self.buffer = service.read_buffer
+        super().__init__(service)
         self.reader = SocketmapReader()
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
-        #: a lookup for this connection is being made (requests wait in the reader)
-        self.pending = False
-        self.paused = False
-        self.write_paused = False
-        self.loop = asyncio.get_running_loop()
-        self.last_active = self.loop.time()
-        self.out: list[bytes] = []
-
-    # -- asyncio callbacks -------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) else "unix"
-        self.service.connections.add(self)
-        self.service.ctx.metrics.connections.labels("socketmap").inc()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.service.connections.discard(self)
-        self.service.ctx.metrics.connections.labels("socketmap").dec()
-        self.transport = None
-        self.out.clear()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.buffer[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        try:
-            self.reader.receive_data(data)
-        except SocketmapProtocolError as exc:
-            self._abort(str(exc))
-            return
-        self.last_active = self.loop.time()
-        if self.pending:
-            if self.reader.buffered > _PIPELINE_LIMIT and self.transport is not None:
-                self.transport.pause_reading()
-                self.paused = True
-            return
-        self._process()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.transport is not None and not self.paused:
-            self.transport.resume_reading()
-
-    def eof_received(self) -> bool:
-        self.reader.receive_data(b"")
-        self._process()
-        self.flush()
-        return self.pending
-
-    # -- requests ------------------------------------------------------------
+        self.service: SocketmapService = service
 
     def _process(self) -> None:
         service = self.service
@@ -146,19 +84,7 @@ class _SocketmapConnection(asyncio.BufferedProtocol):
                 if decision is not None:
                     self._reply(ip, decision)
                     continue
-            self.pending = True
-            service.batcher.submit(ip, self._decided)
-
-    def _decided(self, ip: str, decision: Decision) -> None:
-        self.pending = False
-        self._reply(ip, decision)
-        if self.transport is None:
-            return
-        if self.paused:
-            self.paused = False
-            if not self.write_paused:
-                self.transport.resume_reading()
-        self._process()
+            self._ask(ip)
 
     def _reply(self, ip: str, decision: Decision) -> None:
         service = self.service
@@ -179,38 +105,6 @@ class _SocketmapConnection(asyncio.BufferedProtocol):
             action = "OK" if verdict is Verdict.ALLOW else "TEMP"
             event("relay.decision", service="socketmap", ip=ip, action=action,
                   reason=decision.reason, user=decision.user)
-
-    def _send(self, answer: bytes) -> None:
-        if self.transport is None:
-            return
-        if not self.out:
-            self.service.queue_output(self)
-        self.out.append(answer)
-
-    def flush(self) -> None:
-        out = self.out
-        if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
-
-    def close(self) -> None:
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def _abort(self, why: str) -> None:
-        # Answers to the good requests before the bad one still go out.
-        log.warning("socketmap client %s: %s; closing the connection", self.peer, why)
-        self.flush()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def close_if_idle(self, now: float) -> None:
-        if self.pending or now - self.last_active < self.service.idle_timeout:
-            return
-        log.info("socketmap client %s idle for %ss; closing", self.peer,
-                 self.service.idle_timeout)
-        self.close()
 
 
 def _answer_value(text: str) -> str:
