@@ -3,6 +3,7 @@ relay decision look at the client, the program reads the client's bytes intact."
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from pathlib import Path
@@ -74,8 +75,9 @@ def test_proxy_without_header_is_dropped(tmp_path: Path, spool: Path,
         assert time.monotonic() - started >= 0.4
     try:  # closed at once (a reset, with the client's bytes unread)
         assert talk(server.port, source=PROXY, send=b"EHLO x\r\n") == b""
-    except ConnectionResetError:
-        pass
+    except OSError as exc:
+        # the reset may come before the client's own shutdown(): ENOTCONN there
+        assert exc.errno in (errno.ECONNRESET, errno.ENOTCONN), exc
     # the header and the client are still served meanwhile (nothing blocks the loop)
     assert talk(server.port, source=PROXY, send=build_v2(None, None, local=True) + b"z\n") \
         .startswith(f"{PROXY} ".encode())
