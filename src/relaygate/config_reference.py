@@ -97,6 +97,12 @@ DESCRIPTIONS: dict[str, str] = {
     "auth.throttle_window": "Seconds over which failures are counted.",
     "auth.throttle_lockout": "Seconds a throttled address or user is locked out.",
     "auth.failure_delay": "Seconds every failed login waits before its answer.",
+    "auth.cache_ttl": "Seconds a verified password is remembered, so the same user and "
+                      "password skip the argon2id check (throttling still applies; a "
+                      "passwd/disable/del or SIGHUP invalidates at once); 0 = off (0-86400, "
+                      "see docs/users.md).",
+    "auth.cache_size": "Most verified logins the credential cache holds; the least recently "
+                       "used is dropped first (1-1000000).",
     "queue.lifetime": "Seconds a message is retried before it bounces.",
     "queue.retry_schedule": "Seconds before each retry; the last one repeats.",
     "queue.concurrency": "Deliveries in parallel.",
