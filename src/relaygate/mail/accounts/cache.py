@@ -86,12 +86,12 @@ class CredentialCache:
         now = self._clock()
         with self._lock:
             expires = self._entries.get(key) if key is not None else None
-            if expires is not None and expires > now:
-                self._entries.move_to_end(key)  # type: ignore[arg-type]
-                self.hits += 1
-                return True
-            if expires is not None:
-                del self._entries[key]  # type: ignore[arg-type]
+            if key is not None and expires is not None:
+                if expires > now:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return True
+                del self._entries[key]
             self.misses += 1
             return False
 

@@ -43,6 +43,10 @@ began (or when the hash check ends, if that is later): the answer time says
 nothing about whether the login exists. Failures are logged as
 ``login.failed`` / ``login.throttled`` events; the servers log ``login.ok``.
 
+With ``auth.cache_ttl`` set, a login whose account, stored hash and password
+were verified within that time skips the argon2id check (and nothing else):
+see :mod:`relaygate.mail.accounts.cache`.
+
 APOP (RFC 1939 section 7) needs the shared secret in clear text, so it is
 opt-in per user and uses its own random secret, never the password.
 """
