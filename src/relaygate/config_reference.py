@@ -44,10 +44,10 @@ DESCRIPTIONS: dict[str, str] = {
     "log_format": "Log line format: text (syslog/journald/multilog) or json.",
     "log_level": "debug, info, warning or error.",
     "log_file": "Write log lines to this file instead of stderr, each text line with an ISO 8601 "
-                "time; reopened on SIGHUP and when logrotate moves it (also the group option "
-                "--log-file, before the subcommand).",
-    "syslog": "Log to the local syslog socket, facility mail, instead of stderr (also the group "
-              "option --syslog).",
+                "time; reopened on SIGHUP and when logrotate moves it (also --log-file, before the "
+                "subcommand or after serve, smtpd, pop3d, imapd).",
+    "syslog": "Log to the local syslog socket, facility mail, instead of stderr (also "
+              "--syslog, before the subcommand or after serve, smtpd, pop3d, imapd).",
     "syslog_socket": "The syslog socket syslog = true writes to.",
     "metrics.status_page": "The HTML status page at / of the metrics listener: \"loopback\" "
                            "(only when the listener is on a loopback address or a UNIX socket; "
