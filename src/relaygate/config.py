@@ -295,7 +295,7 @@ _MINIMUM: dict[str, int] = {
 }
 #: the longest credential-cache TTL (one day: a cached login outliving a day is an oversight)
 AUTH_CACHE_MAX_TTL = 86_400
-#: the most credential-cache entries (each ~150 bytes)
+#: the most credential-cache entries (each ~200 bytes: 1,000,000 is ~200 MB)
 AUTH_CACHE_MAX_SIZE = 1_000_000
 #: upper bounds, with why
 _MAXIMUM: dict[str, int] = {

@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from prometheus_client import generate_latest
 from relaygate.config import AuthSettings, load_settings
 from relaygate.errors import ConfigError
 from relaygate.mail.accounts.cache import CredentialCache
-from relaygate.mail.accounts.db import UserDB
+from relaygate.mail.accounts.db import VERIFY_WORKERS, UserDB
 from relaygate.metrics import Metrics
 
 AUTH = AuthSettings(failure_delay=0.0, throttle_failures=3, throttle_window=60.0,
@@ -60,7 +61,7 @@ def other_process(tmp_path: Path, code: str) -> None:
         from pathlib import Path
         from argon2 import PasswordHasher
         from relaygate.config import AuthSettings
-        from relaygate.mail.accounts.db import UserDB
+        from relaygate.mail.accounts.db import VERIFY_WORKERS, UserDB
         data = Path({str(data)!r})
         db = UserDB(data / "users.db", AuthSettings(), data,
                     hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1),
@@ -223,6 +224,36 @@ async def test_a_cached_hit_for_a_disabled_user_counts_as_a_failure(tmp_path: Pa
     for _ in range(3):
         assert not (await db.authenticate("alice", "pw-alice", "127.0.0.2")).ok
     assert db.throttle.locked("127.0.0.2", "alice")
+    db.close()
+
+
+class BlockingHasher(PasswordHasher):
+    """A check that waits until the test releases it."""
+
+    release = threading.Event()
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+        type(self).release.wait(30)
+        return bool(super().verify(hash, password))
+
+
+async def test_a_hit_does_not_wait_behind_full_checks(tmp_path: Path) -> None:
+    auth = AuthSettings(failure_delay=0.0, throttle_failures=20, cache_ttl=60.0)
+    db = make_db(tmp_path, auth, users=("alice", "bob"))
+    assert (await db.authenticate("alice", "pw-alice", "127.0.0.2")).ok
+    BlockingHasher.release = threading.Event()
+    db.hasher = BlockingHasher(time_cost=1, memory_cost=8, parallelism=1)
+    # More full checks than the verify pool has threads: all of them busy, more queued.
+    slow = [asyncio.ensure_future(db.authenticate("bob", f"guess{i}", f"127.0.3.{i}"))
+            for i in range(VERIFY_WORKERS + 2)]
+    try:
+        result = await asyncio.wait_for(db.authenticate("alice", "pw-alice", "127.0.0.2"), 20)
+        assert result.ok
+        assert not any(t.done() for t in slow)
+    finally:
+        BlockingHasher.release.set()
+        results = await asyncio.gather(*slow)
+    assert not any(r.ok for r in results)
     db.close()
 
 

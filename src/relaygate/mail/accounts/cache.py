@@ -21,9 +21,10 @@ users they can then test guesses at BLAKE2b speed instead of argon2id speed:
 that is the price of the cache, and why it is off unless asked for.)
 
 Invalidation needs no messages between processes: the stored hash string is
-part of the key, and the caller (:meth:`relaygate.mail.accounts.db.UserDB._verify_sync`)
-reads the user's row from SQLite on every login, hit or miss, as it does
-without the cache. ``relaygate users passwd`` writes a new hash string (a new
+part of the key, and the caller (:meth:`relaygate.mail.accounts.db.UserDB._cached_sync`,
+on a worker thread but not on the argon2id pool, so a hit never queues behind
+full checks) reads the user's row from SQLite on every login, hit or miss, as
+the login without the cache does. ``relaygate users passwd`` writes a new hash string (a new
 salt, even for the same password), so the old entry is never looked up
 again; ``users del`` removes the row, so there is nothing to look up;
 ``users disable`` clears the row's ``enabled`` column, which is read from the

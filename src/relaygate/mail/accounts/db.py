@@ -374,7 +374,14 @@ class UserDB:
         if attempt is None:
             return await self._throttled(start, login, ip, service)
         try:
-            account, why = await self._run(self._verify_sync, login, password)
+            hit = None
+            if self.cache is not None:
+                # Off the verify pool: a hit must not queue behind argon2id checks.
+                hit = await loop.run_in_executor(None, self._cached_sync, login, password)
+            if hit is not None:
+                account, why = hit
+            else:
+                account, why = await self._run(self._verify_sync, login, password)
         except UserDBError:
             attempt.abandoned()  # no check was made: the database failed, not the guess
             raise
@@ -457,6 +464,24 @@ class UserDB:
             self._dummy_hash = self.hasher.hash(secrets.token_hex(16))
         return self._dummy_hash
 
+    def _row(self, account: Account) -> tuple[str, bool] | None:
+        """The stored hash and the enabled flag of ``account``, read from SQLite now."""
+        row = self._query(lambda db: db.execute(
+            "SELECT password, enabled FROM users WHERE login = ?",
+            (account.login,)).fetchone())
+        return None if row is None else (str(row[0]), bool(row[1]))
+
+    def _cached_sync(self, login: str, password: str) -> tuple[Account | None, str] | None:
+        """A credential-cache hit's answer, or None (a miss: make the full check)."""
+        cache = self.cache
+        account = self.find_account(login)
+        if cache is None or account is None or len(password) > MAX_PASSWORD_LENGTH:
+            return None
+        row = self._row(account)
+        if row is None or not cache.lookup(account.login, row[0], password):
+            return None
+        return (account, "") if row[1] else (None, "disabled")
+
     def _verify_sync(self, login: str, password: str) -> tuple[Account | None, str]:
         """Blocking part of a login: look up, verify, maybe rehash. Runs on the pool.
 
@@ -465,20 +490,14 @@ class UserDB:
         counts at once, for a credential-cache hit as for a full check.
         """
         account = self.find_account(login)
-        row = None
-        if account is not None:
-            row = self._query(lambda db: db.execute(
-                "SELECT password, enabled FROM users WHERE login = ?",
-                (account.login,)).fetchone())
+        row = self._row(account) if account is not None else None
         if len(password) > MAX_PASSWORD_LENGTH:
             return None, "password too long"
         if account is None or row is None:
             self._check(self._dummy(), password)
             return None, "unknown user"
-        stored, enabled = str(row[0]), bool(row[1])
+        stored, enabled = row
         cache = self.cache
-        if cache is not None and cache.lookup(account.login, stored, password):
-            return (account, "") if enabled else (None, "disabled")
         if not self._check(stored, password):
             return None, "wrong password"
         if not enabled:
