@@ -10,10 +10,12 @@ before and during the command, large files streamed in pieces.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
 import shutil
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -249,16 +251,37 @@ def test_messages_gone_while_the_fetch_reads(harness: Harness,
     pair.close()
 
 
-def test_a_huge_message_is_streamed_and_framed(harness: Harness,
+@pytest.mark.parametrize("sendfile", ["native", "unavailable"])
+def test_huge_messages_are_streamed_and_framed(harness: Harness, sendfile: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    # 3 MB of bare-LF lines with a CR at a read boundary: never held whole
+    # 3 MB of bare-LF lines with a CR at a read boundary (converted piece by
+    # piece), and 2.5 MB of CRLF lines (sent by os.sendfile, or read in pieces
+    # when the transport cannot)
     line = b"x" * (rawfetch.PIECE - 1) + b"\r"
-    data = b"Subject: huge\n\n" + line + b"\n" + b"a bare LF line\n" * 200_000
-    pair = Pair(harness, monkeypatch, [data, MESSAGES[1]])
-    out = pair.same(b"FETCH 1:* (RFC822.SIZE BODY.PEEK[] BODY.PEEK[TEXT]<1000.20>)")
-    crlf = to_crlf(data)
-    assert b"RFC822.SIZE %d BODY[] {%d}\r\n%b BODY[TEXT]<1000> {20}\r\n" % (
-        len(crlf), len(crlf), crlf) in out
+    lf = b"Subject: huge\n\n" + line + b"\n" + b"a bare LF line\n" * 200_000
+    crlf = b"Subject: huge, CRLF\r\n\r\n" + b"a line ending in CRLF\r\n" * 110_000
+    sent: list[int] = []
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        if sendfile == "unavailable":
+            sent.append(0)
+            raise OSError(errno.EINVAL, "not for this socket")
+        n = real_sendfile(out_fd, in_fd, offset, count)
+        sent.append(n)
+        return n
+
+    pair = Pair(harness, monkeypatch, [lf, crlf, MESSAGES[1]])
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)  # (after copying the Maildir)
+    rawfetch._SIZES.clear()
+    for _ in range(2):  # sizes counted, then known
+        out = pair.same(b"FETCH 1:* (RFC822.SIZE BODY.PEEK[] BODY.PEEK[TEXT]<1000.20>)")
+        for data in (lf, crlf):
+            c = to_crlf(data)
+            assert b"RFC822.SIZE %d BODY[] {%d}\r\n%b BODY[TEXT]<1000> {20}\r\n" % (
+                len(c), len(c), c) in out
+    # the CRLF file's BODY[], twice (or one refused try per FETCH)
+    assert sum(sent) == 2 * len(crlf) if sendfile == "native" else sent == [0, 0], sent
     pair.close()
 
 
@@ -351,3 +374,34 @@ def test_streaming_holds_pieces_not_the_file(tmp_path: Path) -> None:
     assert peak < 4 * rawfetch.PIECE + (1 << 20), peak  # the file is 21 MB
     assert rawfetch.known_size(str(tmp_path), "1.big", len(data)) == crlf_len
     assert os.path.exists(tmp_path / "cur" / "1.big:2,")
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+def test_a_client_that_stops_reading_is_dropped(tmp_path: Path, eol: bytes) -> None:
+    """A FETCH of a large message to a client that reads nothing: the write times out
+    (imap.idle_timeout), the connection is dropped, the worker thread lets go (the
+    file is sent by os.sendfile from a thread, or converted in pieces), and the
+    server goes on serving."""
+    h = Harness(tmp_path, imap={"idle_timeout": 1.0}).start()
+    try:
+        deliver(h.alice.maildir, b"Subject: big" + eol + eol + (b"z" * 78 + eol) * 200_000)
+        r = Raw(h.port)
+        r.cmd(b"a", f'LOGIN alice "{PASSWORD}"'.encode())
+        r.cmd(b"b", b"SELECT INBOX")
+        r.send(b"c FETCH 1 BODY.PEEK[]\r\n")
+        time.sleep(3.0)  # read nothing: the server's write times out meanwhile
+        got = 0
+        with pytest.raises((ConnectionError, TimeoutError)):
+            while chunk := r.sock.recv(1 << 20):
+                got += len(chunk)
+            raise ConnectionResetError("closed")
+        assert got < 200_000 * (79 + len(eol))  # the message never arrived whole
+        r.close()
+        other = Raw(h.port)
+        assert other.cmd(b"a", f'LOGIN alice "{PASSWORD}"'.encode())[-1].startswith(b"a OK")
+        assert other.cmd(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
+        assert other.cmd(b"c", b"FETCH 1 RFC822.SIZE")[-1].startswith(b"c OK")
+        other.close()
+    finally:
+        h.stop()
+    h.assert_clean()
