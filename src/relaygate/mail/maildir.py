@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+from relaygate.mail.dirsync import sync_dir
+
 _counter = itertools.count(1)
 #: maildir subfolders
 SUBDIRS = ("tmp", "new", "cur")
@@ -47,13 +49,6 @@ def unique_name(size: int | None = None) -> str:
         name += f",S={size}"
     return name
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MaildirWriter:
@@ -100,7 +95,7 @@ class MaildirWriter:
         except BaseException:
             self.discard()
             raise
-        _fsync_dir(self.maildir / subdir)
+        sync_dir(self.maildir / subdir)
         return final
 
     def discard(self) -> None:

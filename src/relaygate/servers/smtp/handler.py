@@ -253,6 +253,9 @@ class RelayHandler:
         session.host_name = hostname
         if self.ctx.directory is None:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
+        # RFC 2920: the server answers pipelined commands in order, writing
+        # the replies together (RelaySMTP.push).
+        responses.insert(-1, "250-PIPELINING")
         # One write for the whole multi-line reply: aiosmtpd writes each line
         # on its own, and clients that read one segment per reply (nmap's
         # smtp library, for one) then fall a reply behind for the session.

@@ -8,6 +8,14 @@ subclass that adds what a public server needs and aiosmtpd leaves out, and
 :class:`relaygate.servers.smtp.handler.RelayHandler` makes every decision.
 The subclass:
 
+- offers PIPELINING (RFC 2920): commands are taken one at a time from the
+  input buffer, as always, but a reply is held while the next command is
+  already buffered, and the held replies go out in one write when the buffer
+  holds no complete command (the client is then waiting), or at once before
+  the client must act on them (``354``, ``334``, the ``220`` before a TLS
+  handshake, ``221``/``421`` before a close). The plaintext bytes still
+  buffered when STARTTLS's handshake starts are thrown away (aiosmtpd),
+  so commands injected behind STARTTLS are never run inside TLS;
 - parses MAIL/RCPT paths with relaygate's strict RFC 5321 parser instead of
   the RFC 5322 header parser (which silently drops source routes and
   comments), so the handler sees exactly what the client sent;
@@ -94,6 +102,10 @@ CLIENT_FAILURES: tuple[type[BaseException], ...] = (
 DATA_READ_SIZE = 64 * 1024
 #: how often stop() looks for sessions that finished their transaction
 STOP_POLL = 0.05
+#: replies held for pipelined commands are written once they reach this many bytes
+HELD_REPLIES_LIMIT = 16 * 1024
+#: replies written at once (with those held before them): TLS handshake next, or a close
+_WRITE_AT_ONCE = (b"220", b"221", b"421")
 #: a trusted proxy's own connection (PROXY v2 LOCAL: a health check) relays nothing
 PROXY_LOCAL = Decision(Verdict.DENY, "the proxy's own connection (PROXY LOCAL)", "proxy")
 
@@ -142,6 +154,9 @@ class RelaySMTP(SMTP):
         self._gone = False
         self._eof_pending = False
         self._incoming: IncomingMessage | None = None
+        #: replies held while more pipelined commands wait in the input buffer
+        self._held: list[bytes] = []
+        self._held_size = 0
         self.client = ClientState(None, info.service, info.plaintext_auth,
                                   tls=info.implicit_tls, fixed=info.fixed)
 
@@ -198,8 +213,9 @@ class RelaySMTP(SMTP):
             return True
         return super().eof_received()
 
-    def _buffered(self) -> bytes:
-        return bytes(getattr(self._reader, "_buffer", b""))
+    def _buffered(self) -> bytes | bytearray:
+        buffer: bytes | bytearray = getattr(self._reader, "_buffer", b"")
+        return buffer
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
@@ -218,12 +234,17 @@ class RelaySMTP(SMTP):
         self._say(f"421 4.4.2 {self.hostname} timeout, closing connection")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
-    def _say(self, line: str) -> None:
-        """Write a final line straight to the transport (no flow control needed)."""
+    def _say(self, line: str | None) -> None:
+        """Write the held replies and a final line straight to the transport (no flow control)."""
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        if line is not None:
+            data += line.encode("ascii", "replace") + b"\r\n"
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if data and isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             with contextlib.suppress(Exception):
-                transport.write(line.encode("ascii", "replace") + b"\r\n")
+                transport.write(data)
 
     @property
     def busy(self) -> bool:
@@ -239,7 +260,26 @@ class RelaySMTP(SMTP):
     # -- replies and budgets -------------------------------------------------
 
     async def push(self, status: AnyStr) -> None:
-        await super().push(status)
+        """Queue a reply; write what is queued when the client waits for it (RFC 2920).
+
+        Replies to pipelined commands are held while the next command is
+        already in the input buffer, and written together, in one write, once
+        the buffer holds no complete command: the client is then waiting.
+        Replies the client must see before it sends more (``3xx`` such as
+        ``354`` and ``334``, the ``220`` before a TLS handshake, ``221`` and
+        ``421`` before a close) are written at once.
+        """
+        response = status if isinstance(status, bytes) else status.encode(
+            "utf-8" if self.enable_SMTPUTF8 else "ascii")
+        self._held.append(response + b"\r\n")
+        self._held_size += len(response) + 2
+        if (response[:1] == b"3" or response[:3] in _WRITE_AT_ONCE
+                or self._held_size >= HELD_REPLIES_LIMIT or b"\n" not in self._buffered()):
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_size = 0
+            self._writer.write(data)
+            await self._writer.drain()
         if self._eof_pending and b"\n" not in self._buffered() and self.transport is not None:
             self.transport.close()
         first = status[:1]
@@ -273,6 +313,7 @@ class RelaySMTP(SMTP):
             what = "TLS handshake failed" if isinstance(error, TLSSetupException) \
                 else "connection failed"
             log.info("%s with %s: %s", what, self.client.shown_ip, _describe(cause))
+            self._say(None)  # the replies held for the commands before
             if self.transport is not None:
                 self.transport.close()
             return "421 4.7.0 connection failed, closing"
