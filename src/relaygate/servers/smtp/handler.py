@@ -464,11 +464,9 @@ class RelayHandler:
         queue_id: str | None = None
         names: list[str] = []
         try:
-            await incoming.flush()
-            files = list(incoming.files)
+            paths = await incoming.commit()  # the queue's file first (begin_data)
             if envelope.relayed:
-                queue_id = str(await self._disk(files.pop(0).commit))
-            paths = await asyncio.gather(*(self._disk(f.commit) for f in files))
+                queue_id = str(paths.pop(0))
             names = [Path(p).name for p in paths]
         except Exception as exc:
             self._store_failed(exc, msgid, state, queue_id)
