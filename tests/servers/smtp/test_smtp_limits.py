@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +251,47 @@ def test_stop_lets_the_transaction_in_flight_finish(tmp_path: Path) -> None:
             h.stop()
         except concurrent.futures.TimeoutError:
             pass
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_fast_protocol_setup_matches_aiosmtpd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              tls: bool) -> None:
+    """RelaySMTP skips aiosmtpd's per-connection inspection: it must set what aiosmtpd sets."""
+    from test_smtp_support import tls_files
+
+    from relaygate.servers.smtp import service
+
+    h = SmtpHarness(tmp_path, tls=tls_files(tmp_path)[0] if tls else None)
+    try:
+        smtp = h.services[0]
+        info = service.ListenerInfo("smtp", plaintext_auth=not tls)
+
+        async def make() -> service.RelaySMTP:
+            return smtp.make_protocol(info)
+
+        fast = h.call(make())
+        monkeypatch.setattr(service, "_FAST_INIT", False)
+        slow = h.call(make())
+    finally:
+        h.stop()
+    ours, theirs = vars(fast), vars(slow)
+    assert set(ours) == set(theirs)
+    for name, value in theirs.items():
+        if isinstance(value, dict):
+            assert set(ours[name]) == set(value), name
+            for key, item in value.items():
+                mine = ours[name][key]
+                bound = getattr(item, "handler", item)
+                other = getattr(mine, "handler", mine)
+                assert getattr(other, "__func__", other) == getattr(bound, "__func__", bound), (
+                    name, key)
+                assert getattr(mine, "is_builtin", None) == getattr(item, "is_builtin", None)
+        elif isinstance(value, weakref.ref):
+            assert type(ours[name]()) is type(value()), name
+        elif callable(value):
+            assert getattr(ours[name], "__func__", ours[name]) == getattr(value, "__func__",
+                                                                          value), name
+        elif type(value).__eq__ is object.__eq__:
+            assert type(ours[name]) is type(value), name  # a per-connection object
+        else:
+            assert ours[name] == value, name

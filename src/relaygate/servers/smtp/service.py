@@ -56,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, _AuthMechAttr, login_always_fail, syntax
 
 from relaygate.addresses import is_loopback
 from relaygate.decision import Decision, Verdict
@@ -140,7 +140,10 @@ class RelaySMTP(SMTP):
         # aiosmtpd keeps these limits in a class-level dict that every
         # connection would share and grow; give each connection its own.
         self.command_size_limits = _command_limits()
-        super().__init__(handler, **kwargs)
+        if _FAST_INIT and kwargs.keys() <= _FAST_INIT_ARGS:
+            self._fast_init(handler, **kwargs)
+        else:
+            super().__init__(handler, **kwargs)
         self._info = info
         self._peer = peer
         self._owner = owner
@@ -159,6 +162,55 @@ class RelaySMTP(SMTP):
         self._held_size = 0
         self.client = ClientState(None, info.service, info.plaintext_auth,
                                   tls=info.implicit_tls, fixed=info.fixed)
+
+    def _fast_init(self, handler: RelayHandler, *, hostname: str, ident: str,
+                   data_size_limit: int, tls_context: ssl.SSLContext | None, timeout: float,
+                   auth_require_tls: bool, loop: asyncio.AbstractEventLoop,
+                   enable_SMTPUTF8: bool = False, decode_data: bool = False) -> None:
+        """aiosmtpd's ``SMTP.__init__`` for the options relaygate uses, minus its inspection.
+
+        aiosmtpd looks for ``smtp_*``/``auth_*``/``handle_*`` methods with
+        ``inspect.getmembers`` and reads ``handle_EHLO``'s signature on every
+        connection: a fifth of the CPU of a one-message session. The names are
+        the same every time, so they are found once (``_SMTP_NAMES``,
+        ``_HANDLER_NAMES``) and only bound here. The attributes set are
+        aiosmtpd 1.4's; tests/servers/smtp/test_smtp_limits.py compares them
+        with what aiosmtpd's own ``__init__`` sets, so an aiosmtpd that sets
+        more fails the tests instead of breaking sessions.
+        """
+        self.__ident__ = ident
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        self._proxy_timeout = None
+        self._auth_callback = login_always_fail
+        self._authenticator = None
+        self._auth_required = False
+        self._auth_methods = {
+            name: _AuthMechAttr(getattr(self if own else handler, attr), own)
+            for name, attr, own in _AUTH_MECHANISMS}
+        self._handle_hooks = {n[7:]: getattr(handler, n) for n in _HANDLER_HOOKS}
+        self._ehlo_hook_ver = "new"
+        self._smtp_methods = {n[5:]: getattr(self, n) for n in _SMTP_COMMANDS}
+        self._enforce_call_limit = False
 
     # -- connection bookkeeping ----------------------------------------------
 
@@ -442,6 +494,20 @@ def _describe(exc: BaseException | None) -> str:
 
 #: the names aiosmtpd looks up on the protocol object (see RelaySMTP.__dir__)
 _SMTP_NAMES = sorted(n for n in dir(RelaySMTP) if n.startswith(("smtp_", "auth_")))
+_SMTP_COMMANDS = [n for n in _SMTP_NAMES if n.startswith("smtp_")]
+_HANDLER_HOOKS = [n for n in dir(RelayHandler) if n.startswith("handle_")]
+#: (mechanism, attribute, defined on the protocol rather than the handler), as aiosmtpd
+#: names them: a handler's auth_X replaces the protocol's
+_AUTH_MECHANISMS = [(name, attr, own) for name, (attr, own) in {
+    getattr(getattr(cls, n), "__auth_mechanism_name__",
+            n.replace("auth_", "").replace("__", "-")): (n, cls is RelaySMTP)
+    for cls in (RelaySMTP, RelayHandler) for n in sorted(dir(cls)) if n.startswith("auth_")
+}.items()]
+#: keyword arguments _fast_init takes; anything else goes to aiosmtpd's __init__
+_FAST_INIT_ARGS = {"hostname", "ident", "data_size_limit", "tls_context", "timeout",
+                   "auth_require_tls", "loop", "enable_SMTPUTF8", "decode_data"}
+#: off: every connection through aiosmtpd's own __init__ (the tests compare the two)
+_FAST_INIT = True
 
 
 def _command_limits() -> Any:
