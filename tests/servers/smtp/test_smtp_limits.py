@@ -137,6 +137,24 @@ def test_idle_client_times_out(tmp_path: Path) -> None:
         h.stop()
 
 
+def test_each_command_moves_the_idle_deadline_on(tmp_path: Path) -> None:
+    """The timer is not remade per command: one that fires early must re-arm, not close."""
+    h = harness(tmp_path, command_timeout=0.8)
+    try:
+        r = session(h)
+        start = time.monotonic()
+        while time.monotonic() - start < 2.5:  # three timeouts' worth, never idle for one
+            assert r.cmd("NOOP").startswith("250")
+            time.sleep(0.3)
+        idle_from = time.monotonic()
+        r.sock.settimeout(10)
+        assert r.reply().startswith("421 4.4.2")
+        assert 0.6 < time.monotonic() - idle_from < 5
+        assert r.closed()
+    finally:
+        h.stop()
+
+
 def test_slowloris_command_times_out(tmp_path: Path) -> None:
     h = harness(tmp_path, command_timeout=0.8)
     try:

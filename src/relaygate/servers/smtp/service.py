@@ -52,7 +52,7 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr
 
@@ -102,6 +102,8 @@ CLIENT_FAILURES: tuple[type[BaseException], ...] = (
 DATA_READ_SIZE = 64 * 1024
 #: how often stop() looks for sessions that finished their transaction
 STOP_POLL = 0.05
+#: a timer firing this close to its session's deadline times the session out
+TIMER_SLACK = 0.01
 #: replies held for pipelined commands are written once they reach this many bytes
 HELD_REPLIES_LIMIT = 16 * 1024
 #: replies written at once (with those held before them): TLS handshake next, or a close
@@ -157,6 +159,8 @@ class RelaySMTP(SMTP):
         self._gone = False
         self._eof_pending = False
         self._incoming: IncomingMessage | None = None
+        self._deadline = 0.0
+        self._timer_armed = False
         #: replies held while more pipelined commands wait in the input buffer
         self._held: list[bytes] = []
         self._held_size = 0
@@ -204,12 +208,12 @@ class RelaySMTP(SMTP):
         self._auth_callback = login_always_fail
         self._authenticator = None
         self._auth_required = False
-        self._auth_methods = {
-            name: _AuthMechAttr(getattr(self if own else handler, attr), own)
-            for name, attr, own in _AUTH_MECHANISMS}
-        self._handle_hooks = {n[7:]: getattr(handler, n) for n in _HANDLER_HOOKS}
+        # aiosmtpd declares these as dicts; it only reads them as mappings
+        objects = (self, handler)
+        self._auth_methods = _Bound(objects, _AUTH_MECHANISMS, auth=True)  # type: ignore[assignment]
+        self._handle_hooks = _Bound(objects, _HANDLER_HOOKS)  # type: ignore[assignment]
         self._ehlo_hook_ver = "new"
-        self._smtp_methods = {n[5:]: getattr(self, n) for n in _SMTP_COMMANDS}
+        self._smtp_methods = _Bound(objects, _SMTP_COMMANDS)  # type: ignore[assignment]
         self._enforce_call_limit = False
 
     # -- connection bookkeeping ----------------------------------------------
@@ -272,6 +276,30 @@ class RelaySMTP(SMTP):
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
         super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's, without a new timer for every command.
+
+        aiosmtpd cancels the timer and makes a new one for each command; here
+        a command only moves the deadline on, and a timer that fires before
+        it re-arms itself for the rest.
+        """
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is not None:
+            if self._timer_armed and not handle.cancelled() and handle.when() <= self._deadline:
+                return
+            handle.cancel()
+        self._timer_armed = True
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer_armed = False
+        if self._deadline - self.loop.time() > TIMER_SLACK:
+            self._timer_armed = True
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self._in_data:
@@ -494,15 +522,54 @@ def _describe(exc: BaseException | None) -> str:
 
 #: the names aiosmtpd looks up on the protocol object (see RelaySMTP.__dir__)
 _SMTP_NAMES = sorted(n for n in dir(RelaySMTP) if n.startswith(("smtp_", "auth_")))
-_SMTP_COMMANDS = [n for n in _SMTP_NAMES if n.startswith("smtp_")]
-_HANDLER_HOOKS = [n for n in dir(RelayHandler) if n.startswith("handle_")]
-#: (mechanism, attribute, defined on the protocol rather than the handler), as aiosmtpd
-#: names them: a handler's auth_X replaces the protocol's
-_AUTH_MECHANISMS = [(name, attr, own) for name, (attr, own) in {
+#: command -> (0: on the protocol, attribute); likewise the handler's hooks (1: on the handler)
+_SMTP_COMMANDS = {n[5:]: (0, n) for n in _SMTP_NAMES if n.startswith("smtp_")}
+_HANDLER_HOOKS = {n[7:]: (1, n) for n in dir(RelayHandler) if n.startswith("handle_")}
+#: AUTH mechanism -> where, as aiosmtpd names them: a handler's auth_X replaces the protocol's
+_AUTH_MECHANISMS = {
     getattr(getattr(cls, n), "__auth_mechanism_name__",
-            n.replace("auth_", "").replace("__", "-")): (n, cls is RelaySMTP)
-    for cls in (RelaySMTP, RelayHandler) for n in sorted(dir(cls)) if n.startswith("auth_")
-}.items()]
+            n.replace("auth_", "").replace("__", "-")): (which, n)
+    for which, cls in enumerate((RelaySMTP, RelayHandler))
+    for n in sorted(dir(cls)) if n.startswith("auth_")}
+
+
+class _Bound(Mapping[str, Any]):
+    """A name -> bound method table (aiosmtpd's dicts), each method bound when first used.
+
+    A session uses five or six of its twenty-odd commands and hooks: binding
+    them all up front was most of what a session's set-up still cost.
+    """
+
+    __slots__ = ("_auth", "_bound", "_names", "_objects")
+
+    def __init__(self, objects: tuple[Any, Any], names: dict[str, tuple[int, str]], *,
+                 auth: bool = False) -> None:
+        self._objects = objects
+        self._names = names
+        self._auth = auth
+        self._bound: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._bound[key]
+        except KeyError:
+            which, attr = self._names[key]
+        found: Any = getattr(self._objects[which], attr)
+        if self._auth:
+            found = _AuthMechAttr(found, which == 0)
+        self._bound[key] = found
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 #: keyword arguments _fast_init takes; anything else goes to aiosmtpd's __init__
 _FAST_INIT_ARGS = {"hostname", "ident", "data_size_limit", "tls_context", "timeout",
                    "auth_require_tls", "loop", "enable_SMTPUTF8", "decode_data"}
