@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -117,14 +117,20 @@ def run() -> None:
         click.echo("Aborted!", err=True)
         sys.exit(1)
     except ConfigError as exc:
-        click.echo(f"relaygate: configuration error: {exc}", err=True)
-        sys.exit(EXIT_TEMPFAIL)
+        _fatal(f"configuration error: {exc}")
     except StoreError as exc:
-        click.echo(f"relaygate: grant store unreachable: {exc}", err=True)
-        sys.exit(EXIT_TEMPFAIL)
+        _fatal(f"grant store unreachable: {exc}")
     except RelaygateError as exc:
-        click.echo(f"relaygate: {exc}", err=True)
-        sys.exit(EXIT_TEMPFAIL)
+        _fatal(str(exc))
+
+
+def _fatal(message: str) -> NoReturn:
+    """Exit 111 on a typed error: stderr, and the log file or syslog when one is in use."""
+    from relaygate.log import record_fatal
+
+    click.echo(f"relaygate: {message}", err=True)
+    record_fatal(message)
+    sys.exit(EXIT_TEMPFAIL)
 
 
 def trusted_proxy_option(fn: Any) -> Any:
@@ -134,6 +140,21 @@ def trusted_proxy_option(fn: Any) -> Any:
         help="Load balancer (address or network) whose PROXY protocol header (v1 or v2) "
              "names the client; its connections must start with one. Repeatable "
              "(TOML trusted_proxies).")(fn)
+
+
+def log_destination_options(fn: Any) -> Any:
+    """``--log-file FILE`` and ``--syslog`` on a server command too (the same as the
+    group options before the subcommand, which admins do not always find)."""
+    fn = click.option("--syslog", is_flag=True, default=None,
+                      help="Log to syslog (/dev/log, facility mail) instead of stderr.")(fn)
+    return click.option("--log-file", type=click.Path(dir_okay=False), metavar="FILE",
+                        help="Log to FILE instead of stderr, each line with an ISO time; "
+                             "reopened on SIGHUP and when logrotate moves it.")(fn)
+
+
+def log_destination(opts: dict[str, Any]) -> dict[str, Any]:
+    """The settings overrides of :func:`log_destination_options`."""
+    return {"log_file": opts.get("log_file"), "syslog": opts.get("syslog")}
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Any:

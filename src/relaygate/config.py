@@ -86,6 +86,9 @@ class ImapSettings:
     max_literal_unauth: int = 8192
     #: largest APPEND literal after login (bytes)
     max_literal: int = 50 * 1024 * 1024
+    #: simultaneous connections from one client address: mail clients keep several
+    #: (one per watched folder), and an office behind NAT shares one address
+    max_connections_per_ip: int = 50
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ class AuthSettings:
     throttle_lockout: float = 900.0
     #: every failed login is answered after this delay (unknown users cost the same)
     failure_delay: float = 1.0
+    #: seconds a verified password is remembered (mail/accounts/cache.py); 0 = no cache
+    cache_ttl: float = 0.0
+    #: most verified logins remembered at once (least recently used dropped first)
+    cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,8 @@ _POSITIVE = {
     "smtp.bad_command_limit", "pop3.idle_timeout", "imap.idle_timeout",
     "pop3.bad_command_limit", "pop3.max_commands", "pop3.max_connections_per_ip",
     "smtp.max_refused_recipients",
-    "imap.max_literal_unauth", "imap.max_literal", "auth.throttle_failures",
+    "imap.max_literal_unauth", "imap.max_literal", "imap.max_connections_per_ip",
+    "auth.throttle_failures",
     "auth.throttle_window", "auth.throttle_lockout", "queue.lifetime", "queue.concurrency",
     "queue.per_destination", "queue.connect_timeout", "queue.command_timeout",
     "policy.idle_timeout", "policy.threads", "logwatch.interval",
@@ -281,6 +289,18 @@ _MINIMUM: dict[str, int] = {
     "smtp.data_memory_limit": 1024 * 1024,
     # 0 turns sessions off; a negative time means nothing
     "logwatch.max_session": 0,
+    # 0 turns the credential cache off
+    "auth.cache_ttl": 0,
+    "auth.cache_size": 1,
+}
+#: the longest credential-cache TTL (one day: a cached login outliving a day is an oversight)
+AUTH_CACHE_MAX_TTL = 86_400
+#: the most credential-cache entries (each ~200 bytes: 1,000,000 is ~200 MB)
+AUTH_CACHE_MAX_SIZE = 1_000_000
+#: upper bounds, with why
+_MAXIMUM: dict[str, int] = {
+    "auth.cache_ttl": AUTH_CACHE_MAX_TTL,
+    "auth.cache_size": AUTH_CACHE_MAX_SIZE,
 }
 
 
@@ -440,6 +460,8 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             raise bad("must be greater than zero")
         if key in _MINIMUM and num < _MINIMUM[key]:
             raise bad(f"must be at least {_MINIMUM[key]}")
+        if key in _MAXIMUM and num > _MAXIMUM[key]:
+            raise bad(f"must be at most {_MAXIMUM[key]}")
         return num
     if tp is str:
         if not isinstance(raw, str):

@@ -56,14 +56,16 @@ on its maildir backend. The adapter supplies:
 
 The package: ``service`` (this module: listeners, logins, windows, pymap's
 configuration), ``connection`` (the per-connection loop, limits and login
-rules), ``backend`` (folders over Maildir), ``pymap_fixes`` (the defects that
-cannot be fixed by subclassing, installed by :func:`pymap_fixes.apply` when the
-service is built: importing relaygate changes nothing in pymap).
+rules), ``backend`` (folders over Maildir), ``rawfetch`` (FETCH of message
+bytes and headers without a MIME parse, rendered in a worker thread),
+``pymap_fixes`` (the defects that cannot be fixed by subclassing, installed by
+:func:`pymap_fixes.apply` when the service is built: importing relaygate
+changes nothing in pymap).
 
 pymap runs with its asyncio "subsystem": commands run on the event loop
 beside SMTP and POP3 (its thread subsystem would tie a worker thread to every
-IDLE session). Maildir reads are small synchronous file operations on the
-loop; message writes (APPEND, COPY) run in a thread.
+IDLE session). Folder listings, FETCH reads and APPEND/COPY writes run in threads
+(see ``backend`` and ``rawfetch``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ from relaygate.servers.imap.connection import (
     Unavailable,
 )
 from relaygate.servers.listeners import (
+    AddressLimiter,
     Listen,
     Listener,
     open_window_after_login,
@@ -194,6 +197,9 @@ class ImapService:
         #: live connections: their task and their stream (to abort at stop)
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._refreshers: set[asyncio.Task[None]] = set()
+        #: open connections per client address, all IMAP listeners together
+        self.limiter = AddressLimiter(s.imap.max_connections_per_ip, s.ipv6_prefix,
+                                      unix_key="unix")
 
     def listeners(self) -> list[str]:
         if self._listeners:
@@ -260,12 +266,18 @@ class ImapService:
     async def _accept(self, listener: Listener, implicit_tls: bool,
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       peer: Peer) -> None:
+        ip = peer.ip
+        if not self.limiter.acquire(ip):
+            # RFC 3501 7.1.5: BYE may be the greeting; RFC 5530: UNAVAILABLE.
+            event("imap.refused", ip=ip, reason="too many connections")
+            writer.write(b"* BYE [UNAVAILABLE] Too many connections from your address\r\n")
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = writer
         gauge = self.ctx.metrics.connections.labels("imap")
         gauge.inc()
-        ip = peer.ip
         # A listener on loopback is trusted for plaintext logins, unless a proxy
         # forwarded the connection from elsewhere: then the client's address counts.
         local = (ip is None or is_loopback(ip)) if peer.proxy else listener.loopback
@@ -287,6 +299,7 @@ class ImapService:
             log.exception("IMAP session with %s ended by an unexpected error", conn.peer)
         finally:
             gauge.dec()
+            self.limiter.release(ip)
             self._tasks.pop(task, None)
             writer.close()
             try:
