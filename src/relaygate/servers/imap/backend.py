@@ -52,6 +52,7 @@ from pymap.selected import SelectedMailbox
 from relaygate.interfaces import Account
 from relaygate.mail.maildir import deliver
 from relaygate.mail.uidlist import FileMeta, Index, forget, read_messages, refresh
+from relaygate.servers.imap.notify import IdleWait
 
 log = logging.getLogger("relaygate.imap")
 
@@ -60,8 +61,6 @@ log = logging.getLogger("relaygate.imap")
 MAX_FOLDER_NAME = 255
 #: a FETCH or SEARCH reads message files in batches of about this many bytes per thread hop
 READ_AHEAD_BYTES = 1 << 20
-#: seconds between an IDLE session's checks for new mail (pymap's interval)
-IDLE_POLL_INTERVAL = 1.0
 #: a folder whose stamps (directory and uidlist mtimes) are older than this is
 #: "unchanged" when they are equal; fresher ones may hide a second change made
 #: within the same file-system clock tick, so they always mean "rescan"
@@ -190,10 +189,12 @@ class Folder(MailboxData):
     (:meth:`reset`); listing, FETCH metadata and snapshots are served from
     memory; message contents are read and parsed in a thread, up to
     :data:`READ_AHEAD_BYTES` per hop, in the order the command will ask for
-    them. IDLE polls only the directories' stamps (:meth:`_signature`).
+    them. IDLE sleeps until the folder changes (:mod:`.notify`) and looks at
+    the directories' stamps (:meth:`_signature`) before a rescan.
     """
 
     _idle_sig: tuple[int, ...] | None = None
+    _idle: IdleWait | None = None
 
     def __init__(self, mailbox_id: ObjectId, maildir: Maildir, path: str) -> None:
         super().__init__(mailbox_id, maildir, path)
@@ -378,10 +379,21 @@ class Folder(MailboxData):
         if wait_on is None:
             self._idle_sig = None
             return await super().update_selected(selected)
-        # IDLE: the first poll always scans (it also reports what earlier
-        # commands were not allowed to, e.g. expunges during FETCH); later
-        # polls scan only when the folder changed.
-        await wait_on.wait(timeout=IDLE_POLL_INTERVAL)
+        # IDLE (pymap calls this in a loop until ``wait_on``, the client's DONE):
+        # the first call watches the folder, then scans at once (it also reports
+        # what earlier commands were not allowed to, e.g. expunges during FETCH);
+        # later calls sleep until the kernel reports a change (see notify) or
+        # the next look is due, and then scan only when the folder changed.
+        idle = self._idle
+        if idle is None or idle.done is not wait_on:
+            self._idle = IdleWait(str(self.maildir.root), wait_on)
+            self._idle_sig = None
+        else:
+            changed = await idle.wait()
+            if wait_on.is_set():
+                return selected
+            if changed:
+                self._idle_sig = None
         sig = self._signature()
         if sig is not None and sig == self._idle_sig:
             return selected

@@ -92,7 +92,7 @@ from relaygate.errors import ConfigError
 from relaygate.interfaces import Account, LoginResult
 from relaygate.log import event
 from relaygate.servers.accept import Peer
-from relaygate.servers.imap import pymap_fixes
+from relaygate.servers.imap import notify, pymap_fixes
 from relaygate.servers.imap.connection import (
     CONSECUTIVE_BAD_LIMIT,
     MAX_LINE,
@@ -194,6 +194,8 @@ class ImapService:
         #: live connections: their task and their stream (to abort at stop)
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._refreshers: set[asyncio.Task[None]] = set()
+        #: wakes IDLE sessions when their folder changes (inotify)
+        self.notifier = notify.Notifier()
 
     def listeners(self) -> list[str]:
         if self._listeners:
@@ -254,6 +256,7 @@ class ImapService:
         for listener in self._listeners:
             await listener.wait_closed(1.0)
         self._listeners.clear()
+        self.notifier.close()
 
     # connections
 
@@ -263,6 +266,7 @@ class ImapService:
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = writer
+        notify.current.set(self.notifier)  # this connection's task and its children
         gauge = self.ctx.metrics.connections.labels("imap")
         gauge.inc()
         ip = peer.ip
