@@ -15,6 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests judge behaviour, not speed: on a loaded 2-core machine one example
+# can take longer than Hypothesis's default 200 ms deadline, which failed whole runs.
+settings.register_profile("relaygate", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("relaygate")
 
 REQUIRE_INTEGRATION = os.environ.get("RELAYGATE_REQUIRE_INTEGRATION") == "1"
 

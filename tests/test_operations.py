@@ -142,6 +142,29 @@ def test_cli_takes_log_file_and_syslog_for_every_command(tmp_path: Path) -> None
     assert "--log-file FILE" in r.output and "--syslog" in r.output
 
 
+def test_startup_error_reaches_the_log_file_too(tmp_path: Path) -> None:
+    # A daemon's admin reads the log file: the reason it exited must be there, not
+    # only on a stderr nobody keeps.
+    import subprocess
+    import sys
+
+    path = tmp_path / "relaygate.log"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "relaygate", "--log-file", str(path), "--data-dir",
+             str(tmp_path / "data"), "serve", "--user", "root", "--smtp", f"127.0.0.1:{port}",
+             *[x for flag in ("--submission", "--smtps", "--pop3", "--pop3s", "--imap",
+                              "--imaps") for x in (flag, "127.0.0.1:0")]],
+            capture_output=True, text=True, timeout=120)
+    assert r.returncode == 111, r.stderr
+    assert "cannot listen" in r.stderr
+    logged = path.read_text()
+    assert "error: smtp: cannot listen: " in logged and str(port) in logged, logged
+
+
 # -- who relayed: the policy service --------------------------------------------------
 
 async def test_policy_ok_logs_who_relayed(caplog: pytest.LogCaptureFixture) -> None:

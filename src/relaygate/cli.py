@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -117,14 +117,20 @@ def run() -> None:
         click.echo("Aborted!", err=True)
         sys.exit(1)
     except ConfigError as exc:
-        click.echo(f"relaygate: configuration error: {exc}", err=True)
-        sys.exit(EXIT_TEMPFAIL)
+        _fatal(f"configuration error: {exc}")
     except StoreError as exc:
-        click.echo(f"relaygate: grant store unreachable: {exc}", err=True)
-        sys.exit(EXIT_TEMPFAIL)
+        _fatal(f"grant store unreachable: {exc}")
     except RelaygateError as exc:
-        click.echo(f"relaygate: {exc}", err=True)
-        sys.exit(EXIT_TEMPFAIL)
+        _fatal(str(exc))
+
+
+def _fatal(message: str) -> NoReturn:
+    """Exit 111 on a typed error: stderr, and the log file or syslog when one is in use."""
+    from relaygate.log import record_fatal
+
+    click.echo(f"relaygate: {message}", err=True)
+    record_fatal(message)
+    sys.exit(EXIT_TEMPFAIL)
 
 
 def trusted_proxy_option(fn: Any) -> Any:

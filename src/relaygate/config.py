@@ -86,6 +86,9 @@ class ImapSettings:
     max_literal_unauth: int = 8192
     #: largest APPEND literal after login (bytes)
     max_literal: int = 50 * 1024 * 1024
+    #: simultaneous connections from one client address: mail clients keep several
+    #: (one per watched folder), and an office behind NAT shares one address
+    max_connections_per_ip: int = 50
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,8 @@ _POSITIVE = {
     "smtp.bad_command_limit", "pop3.idle_timeout", "imap.idle_timeout",
     "pop3.bad_command_limit", "pop3.max_commands", "pop3.max_connections_per_ip",
     "smtp.max_refused_recipients",
-    "imap.max_literal_unauth", "imap.max_literal", "auth.throttle_failures",
+    "imap.max_literal_unauth", "imap.max_literal", "imap.max_connections_per_ip",
+    "auth.throttle_failures",
     "auth.throttle_window", "auth.throttle_lockout", "queue.lifetime", "queue.concurrency",
     "queue.per_destination", "queue.connect_timeout", "queue.command_timeout",
     "policy.idle_timeout", "policy.threads", "logwatch.interval",

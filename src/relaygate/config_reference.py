@@ -92,6 +92,8 @@ DESCRIPTIONS: dict[str, str] = {
     "imap.idle_timeout": "Seconds of inactivity before the server closes (RFC 3501: >= 1800).",
     "imap.max_literal_unauth": "Largest literal accepted before login, in bytes.",
     "imap.max_literal": "Largest APPEND literal after login, in bytes.",
+    "imap.max_connections_per_ip": "Concurrent IMAP connections from one address (IPv6: from "
+                                   "one network of ipv6_prefix bits); more are told BYE.",
     "auth.allow_plaintext": "Allow plaintext passwords without TLS on non-loopback listeners.",
     "auth.throttle_failures": "Failed logins (per address and per user) before a lockout.",
     "auth.throttle_window": "Seconds over which failures are counted.",

@@ -195,6 +195,19 @@ def reopen_log_files() -> bool:
     return found
 
 
+def record_fatal(message: str) -> None:
+    """A command is about to exit on ``message`` (already shown on stderr): put it in
+    the log file or syslog too, where the admin of a daemon looks first. Nothing when
+    logging goes to stderr anyway, or was not set up yet (then the file may not exist)."""
+    root = logging.getLogger("relaygate")
+    targets = [h for h in root.handlers if isinstance(h, (LogFile, SyslogHandler))]
+    if not targets:
+        return
+    rec = root.makeRecord(root.name, logging.ERROR, __file__, 0, message, (), None)
+    for handler in targets:
+        handler.handle(rec)
+
+
 def duration(seconds: float, *, minutes_in_hours: bool = False) -> str:
     """A duration as people read it: ``45s``, ``12m``, ``5h`` (``5h07m`` with
     ``minutes_in_hours``), ``3d``; the one formatter for logs, ``status`` and ``queue``."""

@@ -29,8 +29,17 @@ from relaygate.stores.sqlite import SqliteStore
 from .conftest import EXPIRY
 
 # A time with an exact binary fraction, near the real clock (Redis expires keys by
-# its own clock, so grants must not be far in the past or future).
+# its own clock, so grants must not be far in the past or future). Taken again at
+# the start of every test: a value from collection time is minutes old by the time
+# a long suite reaches these tests, and Redis would already have expired grants
+# the test still counts as live.
 NOW = float(int(time.time())) + 0.25
+
+
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    global NOW
+    NOW = float(int(time.time())) + 0.25
 
 
 def grant(
@@ -38,11 +47,12 @@ def grant(
     user: str | None = "alice",
     domain: str | None = "example.org",
     *,
-    opened: float = NOW,
+    opened: float | None = None,
     ttl: float = EXPIRY,
     source: str = "pop3",
 ) -> Grant:
-    return Grant(ip, user, domain, source, opened, opened + ttl)
+    at = NOW if opened is None else opened
+    return Grant(ip, user, domain, source, at, at + ttl)
 
 
 def expected(store: GrantStore, g: Grant) -> Grant:

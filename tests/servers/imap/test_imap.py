@@ -951,3 +951,40 @@ assert MessageBody.__dict__["_find_parts"] is not before[1]
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# -- per-address connection limit ----------------------------------------------
+
+
+def test_connections_per_address_are_limited(tmp_path: Path) -> None:
+    h = Harness(tmp_path, imap={"max_connections_per_ip": 2}).start()
+    try:
+        def greetings(source: str, n: int) -> list[bytes]:
+            socks = [socket.create_connection(("127.0.0.1", h.port), 10,
+                                              source_address=(source, 0)) for _ in range(n)]
+            try:
+                return [s.makefile("rb").readline() for s in socks]
+            finally:
+                for s in socks:
+                    s.close()
+
+        lines = greetings("127.0.0.2", 3)
+        assert lines[0].startswith(b"* OK") and lines[1].startswith(b"* OK"), lines
+        assert lines[2] == b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+        # Another address is counted apart; closed connections are given back.
+        assert all(x.startswith(b"* OK") for x in greetings("127.0.0.3", 2))
+        deadline = time.monotonic() + 10
+        while h.service.limiter.counts:
+            assert time.monotonic() < deadline, h.service.limiter.counts
+            time.sleep(0.05)
+        assert all(x.startswith(b"* OK") for x in greetings("127.0.0.2", 2))
+    finally:
+        h.stop()
+    h.assert_clean()
+
+
+def test_connection_limit_counts_ipv6_per_network(harness: Harness) -> None:
+    key = harness.service.limiter.key
+    assert harness.service.limiter.limit == ImapSettings().max_connections_per_ip == 50
+    assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff::7") == "2001:db8:1:2::/64"
+    assert key(None) == "unix"

@@ -104,6 +104,7 @@ from relaygate.servers.imap.connection import (
     Unavailable,
 )
 from relaygate.servers.listeners import (
+    AddressLimiter,
     Listen,
     Listener,
     open_window_after_login,
@@ -194,6 +195,9 @@ class ImapService:
         #: live connections: their task and their stream (to abort at stop)
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._refreshers: set[asyncio.Task[None]] = set()
+        #: open connections per client address, all IMAP listeners together
+        self.limiter = AddressLimiter(s.imap.max_connections_per_ip, s.ipv6_prefix,
+                                      unix_key="unix")
         #: wakes IDLE sessions when their folder changes (inotify)
         self.notifier = notify.Notifier()
 
@@ -263,13 +267,19 @@ class ImapService:
     async def _accept(self, listener: Listener, implicit_tls: bool,
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       peer: Peer) -> None:
+        ip = peer.ip
+        if not self.limiter.acquire(ip):
+            # RFC 3501 7.1.5: BYE may be the greeting; RFC 5530: UNAVAILABLE.
+            event("imap.refused", ip=ip, reason="too many connections")
+            writer.write(b"* BYE [UNAVAILABLE] Too many connections from your address\r\n")
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = writer
         notify.current.set(self.notifier)  # this connection's task and its children
         gauge = self.ctx.metrics.connections.labels("imap")
         gauge.inc()
-        ip = peer.ip
         # A listener on loopback is trusted for plaintext logins, unless a proxy
         # forwarded the connection from elsewhere: then the client's address counts.
         local = (ip is None or is_loopback(ip)) if peer.proxy else listener.loopback
@@ -291,6 +301,7 @@ class ImapService:
             log.exception("IMAP session with %s ended by an unexpected error", conn.peer)
         finally:
             gauge.dec()
+            self.limiter.release(ip)
             self._tasks.pop(task, None)
             writer.close()
             try:
