@@ -289,6 +289,41 @@ def test_an_unchanged_folder_is_not_looked_at(harness: Harness,
     done(r)
 
 
+def test_safety_net_looks_do_not_rescan_an_unchanged_folder(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look that finds the stamps unchanged costs a few stat() calls: no rescan of the
+    folder in a thread, no round through pymap (before: one rescan per look)."""
+    monkeypatch.setattr(notify, "SAFETY_NET_INTERVAL", 0.2)
+    monkeypatch.setattr(imap_backend, "SIGNATURE_SETTLE_NS", 0)
+    refreshes: list[float] = []
+    looks: list[float] = []
+    original_refresh = imap_backend.Folder._refresh
+    original_signature = imap_backend.Folder._signature
+
+    async def refresh_spy(self: imap_backend.Folder) -> Any:
+        refreshes.append(time.monotonic())
+        return await original_refresh(self)
+
+    def signature_spy(self: imap_backend.Folder) -> Any:
+        looks.append(time.monotonic())
+        return original_signature(self)
+
+    monkeypatch.setattr(imap_backend.Folder, "_refresh", refresh_spy)
+    monkeypatch.setattr(imap_backend.Folder, "_signature", signature_spy)
+    deliver(harness.alice.maildir, MESSAGE)
+    r = idle(harness)
+    time.sleep(0.3)
+    refreshes.clear()
+    looks.clear()
+    time.sleep(2.0)
+    assert len(looks) >= 4, looks  # the safety net did look
+    assert refreshes == []
+    deliver(harness.alice.maildir, MESSAGE)  # and a change still shows
+    seen, _ = wait_for(r, b"EXISTS")
+    assert b"* 2 EXISTS" in seen
+    done(r)
+
+
 # -- where inotify cannot help ------------------------------------------------------
 
 

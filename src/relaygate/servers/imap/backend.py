@@ -237,6 +237,11 @@ class Folder(MailboxData):
         return self._index
 
     async def reset(self) -> MailboxData:
+        idle = self._idle
+        if idle is not None and not idle.done.is_set():
+            # pymap asks for the folder again before each wait of an IDLE;
+            # update_selected rescans when the folder changed, not here
+            return self
         await self._refresh()
         return self
 
@@ -383,20 +388,19 @@ class Folder(MailboxData):
         # the first call watches the folder, then scans at once (it also reports
         # what earlier commands were not allowed to, e.g. expunges during FETCH);
         # later calls sleep until the kernel reports a change (see notify) or
-        # the next look is due, and then scan only when the folder changed.
+        # the next look is due, and return only when there is something to scan.
         idle = self._idle
         if idle is None or idle.done is not wait_on:
             self._idle = IdleWait(str(self.maildir.root), wait_on)
-            self._idle_sig = None
+            sig = self._signature()
         else:
-            changed = await idle.wait()
-            if wait_on.is_set():
-                return selected
-            if changed:
-                self._idle_sig = None
-        sig = self._signature()
-        if sig is not None and sig == self._idle_sig:
-            return selected
+            while True:
+                changed = await idle.wait()
+                if wait_on.is_set():
+                    return selected
+                sig = self._signature()
+                if changed or sig is None or sig != self._idle_sig:
+                    break
         await self._refresh()
         result = await super().update_selected(selected)
         self._idle_sig = sig

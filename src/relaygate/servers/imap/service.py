@@ -56,7 +56,8 @@ on its maildir backend. The adapter supplies:
 
 The package: ``service`` (this module: listeners, logins, windows, pymap's
 configuration), ``connection`` (the per-connection loop, limits and login
-rules), ``backend`` (folders over Maildir), ``pymap_fixes`` (the defects that
+rules), ``backend`` (folders over Maildir), ``notify`` (IDLE woken by inotify,
+one watch per folder), ``pymap_fixes`` (the defects that
 cannot be fixed by subclassing, installed by :func:`pymap_fixes.apply` when the
 service is built: importing relaygate changes nothing in pymap).
 
