@@ -140,11 +140,15 @@ def test_cli_takes_log_file_and_syslog_for_every_command(tmp_path: Path) -> None
 
     r = CliRunner().invoke(main, ["--help"])
     assert "--log-file FILE" in r.output and "--syslog" in r.output
+    for command in ("serve", "smtpd", "pop3d", "imapd"):
+        r = CliRunner().invoke(main, [command, "--help"])
+        assert "--log-file FILE" in r.output and "--syslog" in r.output, command
 
 
-def test_startup_error_reaches_the_log_file_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["group", "serve"])
+def test_startup_error_reaches_the_log_file_too(tmp_path: Path, where: str) -> None:
     # A daemon's admin reads the log file: the reason it exited must be there, not
-    # only on a stderr nobody keeps.
+    # only on a stderr nobody keeps. --log-file works before and after "serve".
     import subprocess
     import sys
 
@@ -154,8 +158,10 @@ def test_startup_error_reaches_the_log_file_too(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         r = subprocess.run(
-            [sys.executable, "-m", "relaygate", "--log-file", str(path), "--data-dir",
-             str(tmp_path / "data"), "serve", "--user", "root", "--smtp", f"127.0.0.1:{port}",
+            [sys.executable, "-m", "relaygate", "--data-dir", str(tmp_path / "data"),
+             *(["--log-file", str(path)] if where == "group" else []), "serve",
+             *(["--log-file", str(path)] if where == "serve" else []), "--user", "root",
+             "--smtp", f"127.0.0.1:{port}",
              *[x for flag in ("--submission", "--smtps", "--pop3", "--pop3s", "--imap",
                               "--imaps") for x in (flag, "127.0.0.1:0")]],
             capture_output=True, text=True, timeout=120)

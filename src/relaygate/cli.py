@@ -142,6 +142,21 @@ def trusted_proxy_option(fn: Any) -> Any:
              "(TOML trusted_proxies).")(fn)
 
 
+def log_destination_options(fn: Any) -> Any:
+    """``--log-file FILE`` and ``--syslog`` on a server command too (the same as the
+    group options before the subcommand, which admins do not always find)."""
+    fn = click.option("--syslog", is_flag=True, default=None,
+                      help="Log to syslog (/dev/log, facility mail) instead of stderr.")(fn)
+    return click.option("--log-file", type=click.Path(dir_okay=False), metavar="FILE",
+                        help="Log to FILE instead of stderr, each line with an ISO time; "
+                             "reopened on SIGHUP and when logrotate moves it.")(fn)
+
+
+def log_destination(opts: dict[str, Any]) -> dict[str, Any]:
+    """The settings overrides of :func:`log_destination_options`."""
+    return {"log_file": opts.get("log_file"), "syslog": opts.get("syslog")}
+
+
 def settings_from(ctx: click.Context, **overrides: Any) -> Any:
     """Build Settings from the group options, a command's own options and the environment."""
     from relaygate.config import load_settings

@@ -100,6 +100,10 @@ class AuthSettings:
     throttle_lockout: float = 900.0
     #: every failed login is answered after this delay (unknown users cost the same)
     failure_delay: float = 1.0
+    #: seconds a verified password is remembered (mail/accounts/cache.py); 0 = no cache
+    cache_ttl: float = 0.0
+    #: most verified logins remembered at once (least recently used dropped first)
+    cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,18 @@ _MINIMUM: dict[str, int] = {
     "smtp.data_memory_limit": 1024 * 1024,
     # 0 turns sessions off; a negative time means nothing
     "logwatch.max_session": 0,
+    # 0 turns the credential cache off
+    "auth.cache_ttl": 0,
+    "auth.cache_size": 1,
+}
+#: the longest credential-cache TTL (one day: a cached login outliving a day is an oversight)
+AUTH_CACHE_MAX_TTL = 86_400
+#: the most credential-cache entries (each ~200 bytes: 1,000,000 is ~200 MB)
+AUTH_CACHE_MAX_SIZE = 1_000_000
+#: upper bounds, with why
+_MAXIMUM: dict[str, int] = {
+    "auth.cache_ttl": AUTH_CACHE_MAX_TTL,
+    "auth.cache_size": AUTH_CACHE_MAX_SIZE,
 }
 
 
@@ -444,6 +460,8 @@ def _convert(key: str, tp: Any, v: _Value) -> Any:
             raise bad("must be greater than zero")
         if key in _MINIMUM and num < _MINIMUM[key]:
             raise bad(f"must be at least {_MINIMUM[key]}")
+        if key in _MAXIMUM and num > _MAXIMUM[key]:
+            raise bad(f"must be at most {_MAXIMUM[key]}")
         return num
     if tp is str:
         if not isinstance(raw, str):

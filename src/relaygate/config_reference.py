@@ -44,10 +44,10 @@ DESCRIPTIONS: dict[str, str] = {
     "log_format": "Log line format: text (syslog/journald/multilog) or json.",
     "log_level": "debug, info, warning or error.",
     "log_file": "Write log lines to this file instead of stderr, each text line with an ISO 8601 "
-                "time; reopened on SIGHUP and when logrotate moves it (also the group option "
-                "--log-file, before the subcommand).",
-    "syslog": "Log to the local syslog socket, facility mail, instead of stderr (also the group "
-              "option --syslog).",
+                "time; reopened on SIGHUP and when logrotate moves it (also --log-file, before the "
+                "subcommand or after serve, smtpd, pop3d, imapd).",
+    "syslog": "Log to the local syslog socket, facility mail, instead of stderr (also "
+              "--syslog, before the subcommand or after serve, smtpd, pop3d, imapd).",
     "syslog_socket": "The syslog socket syslog = true writes to.",
     "metrics.status_page": "The HTML status page at / of the metrics listener: \"loopback\" "
                            "(only when the listener is on a loopback address or a UNIX socket; "
@@ -99,6 +99,12 @@ DESCRIPTIONS: dict[str, str] = {
     "auth.throttle_window": "Seconds over which failures are counted.",
     "auth.throttle_lockout": "Seconds a throttled address or user is locked out.",
     "auth.failure_delay": "Seconds every failed login waits before its answer.",
+    "auth.cache_ttl": "Seconds a verified password is remembered, so the same user and "
+                      "password skip the argon2id check (throttling still applies; a "
+                      "passwd/disable/del or SIGHUP invalidates at once); 0 = off (0-86400, "
+                      "see docs/users.md).",
+    "auth.cache_size": "Most verified logins the credential cache holds; the least recently "
+                       "used is dropped first (1-1000000).",
     "queue.lifetime": "Seconds a message is retried before it bounces.",
     "queue.retry_schedule": "Seconds before each retry; the last one repeats.",
     "queue.concurrency": "Deliveries in parallel.",

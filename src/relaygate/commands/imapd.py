@@ -16,7 +16,12 @@ from typing import Any
 
 import click
 
-from relaygate.cli import settings_from, trusted_proxy_option
+from relaygate.cli import (
+    log_destination,
+    log_destination_options,
+    settings_from,
+    trusted_proxy_option,
+)
 
 
 @click.command()
@@ -31,6 +36,7 @@ from relaygate.cli import settings_from, trusted_proxy_option
 @click.option("--hostname", help="Name in the greeting (default: this host's name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log level (default info).")
+@log_destination_options
 @trusted_proxy_option
 @click.pass_context
 def imapd(ctx: click.Context, /, **opts: Any) -> None:
@@ -49,6 +55,7 @@ def imapd(ctx: click.Context, /, **opts: Any) -> None:
         "tls.key": opts["tls_key"],
         "hostname": opts["hostname"],
         "log_level": opts["log_level"],
+        **log_destination(opts),
         "trusted_proxies": list(opts["trusted_proxies"]) or None,
     }
     settings = settings_from(ctx, **overrides)

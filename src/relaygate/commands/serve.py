@@ -16,7 +16,12 @@ from typing import Any, TypeVar
 
 import click
 
-from relaygate.cli import settings_from, trusted_proxy_option
+from relaygate.cli import (
+    log_destination,
+    log_destination_options,
+    settings_from,
+    trusted_proxy_option,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,6 +73,7 @@ def _listen_option(name: str, what: str, default: str) -> Callable[[F], F]:
               help="Log level (default info).")
 @click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@log_destination_options
 @trusted_proxy_option
 @click.option("--ipv6-prefix", metavar="BITS",
               help="Count IPv6 clients per network of this prefix for connection limits and "
@@ -103,6 +109,7 @@ def serve(ctx: click.Context, /, **opts: Any) -> None:
         "group": opts["group"],
         "log_format": opts["log_format"],
         "log_level": opts["log_level"],
+        **log_destination(opts),
         "metrics.listen": opts["metrics_listen"],
         "ipv6_prefix": opts["ipv6_prefix"],
         "smtp.listen": many("smtp"),

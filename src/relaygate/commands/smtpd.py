@@ -32,7 +32,12 @@ from typing import Any
 
 import click
 
-from relaygate.cli import settings_from, trusted_proxy_option
+from relaygate.cli import (
+    log_destination,
+    log_destination_options,
+    settings_from,
+    trusted_proxy_option,
+)
 
 
 @click.command()
@@ -62,6 +67,7 @@ from relaygate.cli import settings_from, trusted_proxy_option
 @click.option("--use-store", is_flag=True,
               help="With --stdio: when RELAYCLIENT is not set, ask the rules and grant store "
                    "(no relay-ctrl-check needed).")
+@log_destination_options
 @trusted_proxy_option
 @click.pass_context
 def smtpd(ctx: click.Context, /, **opts: Any) -> None:
@@ -86,6 +92,7 @@ def smtpd(ctx: click.Context, /, **opts: Any) -> None:
         "tls.key": opts["tls_key"],
         "sender_binding": opts["sender_binding"],
         "log_level": opts["log_level"],
+        **log_destination(opts),
         "trusted_proxies": many("trusted_proxies"),
     }
     settings = settings_from(ctx, **overrides)

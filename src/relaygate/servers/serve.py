@@ -409,6 +409,9 @@ class Server:
         self._probe_store(control.store)
         metrics = Metrics()
         directory = self._open_directory(s)
+        cache_stats = getattr(directory, "cache_stats", None)
+        if cache_stats is not None:  # the users database's credential cache
+            metrics.watch_auth_cache(cache_stats)
         from relaygate.mail.rcpthosts import warn_addresses_outside
 
         warn_addresses_outside(s, directory)

@@ -43,6 +43,10 @@ began (or when the hash check ends, if that is later): the answer time says
 nothing about whether the login exists. Failures are logged as
 ``login.failed`` / ``login.throttled`` events; the servers log ``login.ok``.
 
+With ``auth.cache_ttl`` set, a login whose account, stored hash and password
+were verified within that time skips the argon2id check (and nothing else):
+see :mod:`relaygate.mail.accounts.cache`.
+
 APOP (RFC 1939 section 7) needs the shared secret in clear text, so it is
 opt-in per user and uses its own random secret, never the password.
 """
@@ -72,6 +76,7 @@ from relaygate.addresses import DEFAULT_IPV6_PREFIX
 from relaygate.errors import RelaygateError
 from relaygate.interfaces import Account, LoginResult
 from relaygate.log import event
+from relaygate.mail.accounts.cache import CredentialCache
 from relaygate.mail.accounts.errors import NoSuchUser, UserDBError, UserError
 from relaygate.mail.accounts.hashes import (
     crypt_handler,
@@ -158,6 +163,7 @@ class UserDB:
         default_domain: str | None = None,
         throttle: Throttle | None = None,
         ipv6_prefix: int = DEFAULT_IPV6_PREFIX,
+        cache: CredentialCache | None = None,
     ) -> None:
         self.path = Path(path)
         self.auth = auth
@@ -167,6 +173,11 @@ class UserDB:
         self.throttle = throttle or Throttle(
             auth.throttle_failures, auth.throttle_window, auth.throttle_lockout,
             ipv6_prefix=ipv6_prefix)
+        #: recently verified passwords (``auth.cache_ttl``; None: off), see
+        #: :mod:`relaygate.mail.accounts.cache`
+        self.cache = cache
+        if cache is None and auth.cache_ttl > 0:
+            self.cache = CredentialCache(auth.cache_ttl, auth.cache_size)
         self._lock = threading.RLock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._dummy_hash: str | None = None
@@ -287,8 +298,15 @@ class UserDB:
             self._lock.release()
 
     def reload(self) -> None:
-        """Re-read every account now (``SIGHUP``)."""
+        """Re-read every account now and empty the credential cache (``SIGHUP``)."""
+        if self.cache is not None:
+            self.cache.clear()
         self._load()
+
+    def cache_stats(self) -> tuple[int, int, int] | None:
+        """The credential cache's (hits, misses, entries), or None when it is off."""
+        cache = self.cache
+        return None if cache is None else (cache.hits, cache.misses, len(cache))
 
     def close(self) -> None:
         with self._lock:
@@ -356,7 +374,14 @@ class UserDB:
         if attempt is None:
             return await self._throttled(start, login, ip, service)
         try:
-            account, why = await self._run(self._verify_sync, login, password)
+            hit = None
+            if self.cache is not None:
+                # Off the verify pool: a hit must not queue behind argon2id checks.
+                hit = await loop.run_in_executor(None, self._cached_sync, login, password)
+            if hit is not None:
+                account, why = hit
+            else:
+                account, why = await self._run(self._verify_sync, login, password)
         except UserDBError:
             attempt.abandoned()  # no check was made: the database failed, not the guess
             raise
@@ -439,25 +464,48 @@ class UserDB:
             self._dummy_hash = self.hasher.hash(secrets.token_hex(16))
         return self._dummy_hash
 
-    def _verify_sync(self, login: str, password: str) -> tuple[Account | None, str]:
-        """Blocking part of a login: look up, verify, maybe rehash. Runs on the pool."""
+    def _row(self, account: Account) -> tuple[str, bool] | None:
+        """The stored hash and the enabled flag of ``account``, read from SQLite now."""
+        row = self._query(lambda db: db.execute(
+            "SELECT password, enabled FROM users WHERE login = ?",
+            (account.login,)).fetchone())
+        return None if row is None else (str(row[0]), bool(row[1]))
+
+    def _cached_sync(self, login: str, password: str) -> tuple[Account | None, str] | None:
+        """A credential-cache hit's answer, or None (a miss: make the full check)."""
+        cache = self.cache
         account = self.find_account(login)
-        row = None
-        if account is not None:
-            row = self._query(lambda db: db.execute(
-                "SELECT password FROM users WHERE login = ?", (account.login,)).fetchone())
+        if cache is None or account is None or len(password) > MAX_PASSWORD_LENGTH:
+            return None
+        row = self._row(account)
+        if row is None or not cache.lookup(account.login, row[0], password):
+            return None
+        return (account, "") if row[1] else (None, "disabled")
+
+    def _verify_sync(self, login: str, password: str) -> tuple[Account | None, str]:
+        """Blocking part of a login: look up, verify, maybe rehash. Runs on the pool.
+
+        The row is read from SQLite on every call, so a password change, a
+        disable or a delete committed by another process (``relaygate users``)
+        counts at once, for a credential-cache hit as for a full check.
+        """
+        account = self.find_account(login)
+        row = self._row(account) if account is not None else None
         if len(password) > MAX_PASSWORD_LENGTH:
             return None, "password too long"
         if account is None or row is None:
             self._check(self._dummy(), password)
             return None, "unknown user"
-        stored = str(row[0])
+        stored, enabled = row
+        cache = self.cache
         if not self._check(stored, password):
             return None, "wrong password"
-        if not account.enabled:
+        if not enabled:
             return None, "disabled"
         if self._needs_rehash(stored):
             self._rehash(account.login, stored, password)
+        elif cache is not None:
+            cache.store(account.login, stored, password)
         return account, ""
 
     def _check(self, stored: str, password: str) -> bool:
