@@ -255,28 +255,54 @@ def forget_deleted(path: str, keys: Collection[str]) -> None:
         log.warning("cannot update %s: %s", UidList.get_file(path), exc)
 
 
-def read_messages(root: str, metas: list[tuple[str, FileMeta]]) -> dict[str, bytes | None]:
-    """The bytes of each (key, meta) file; None for a file that is gone (blocking).
+def open_message(root: str, key: str, meta: FileMeta) -> int | None:
+    """A read-only descriptor of the message file; None if it is gone (blocking).
 
     A file renamed since it was indexed (flags changed) is found by its key.
     """
+    try:
+        return os.open(os.path.join(root, meta.subdir, meta.name), os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+    for subdir in ("cur", "new"):
+        try:
+            names = os.listdir(os.path.join(root, subdir))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if _key(name) == key:
+                with contextlib.suppress(FileNotFoundError):
+                    return os.open(os.path.join(root, subdir, name), os.O_RDONLY)
+    return None
+
+
+def read_all(fd: int, size: int) -> bytes:
+    """The rest of the file ``fd`` whose size stat() gave as ``size`` (blocking).
+
+    A read shorter than asked is the end of a regular file, so a file that
+    did not change is read in one system call.
+    """
+    parts = []
+    want = size + 1
+    while True:
+        data = os.read(fd, want)
+        parts.append(data)
+        if len(data) < want:
+            break
+        want = 1 << 16
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_messages(root: str, metas: list[tuple[str, FileMeta]]) -> dict[str, bytes | None]:
+    """The bytes of each (key, meta) file; None for a file that is gone (blocking)."""
     out: dict[str, bytes | None] = {}
     for key, meta in metas:
-        try:
-            with open(os.path.join(root, meta.subdir, meta.name), "rb") as f:
-                out[key] = f.read()
+        fd = open_message(root, key, meta)
+        if fd is None:
+            out[key] = None
             continue
-        except FileNotFoundError:
-            pass
-        out[key] = None
-        for subdir in ("cur", "new"):
-            with contextlib.suppress(FileNotFoundError):
-                for name in os.listdir(os.path.join(root, subdir)):
-                    if _key(name) == key:
-                        with contextlib.suppress(FileNotFoundError), \
-                                open(os.path.join(root, subdir, name), "rb") as f:
-                            out[key] = f.read()
-                        break
-            if out[key] is not None:
-                break
+        try:
+            out[key] = read_all(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
     return out

@@ -927,11 +927,13 @@ def test_importing_the_server_changes_nothing_in_pymap(tmp_path: Path) -> None:
     code = """
 import sys
 from pymap.backend.maildir.io import FileWriteable
+import pymap.mime
 from pymap.mime import MessageBody
-before = (FileWriteable.file_write, MessageBody.__dict__["_find_parts"])
+before = (FileWriteable.file_write, MessageBody.__dict__["_find_parts"], pymap.mime.get_raw)
 import relaygate.servers.imap.service as service
 from relaygate.servers.imap import pymap_fixes
-assert (FileWriteable.file_write, MessageBody.__dict__["_find_parts"]) == before, "patched"
+assert (FileWriteable.file_write, MessageBody.__dict__["_find_parts"],
+        pymap.mime.get_raw) == before, "patched"
 assert not pymap_fixes.applied()
 from relaygate.config import Settings
 from relaygate.context import Context
@@ -944,6 +946,7 @@ service.make_service(Context(Settings(data_dir=sys.argv[1]), RelayControl(Memory
 assert pymap_fixes.applied()
 assert FileWriteable.file_write is not before[0]
 assert MessageBody.__dict__["_find_parts"] is not before[1]
+assert pymap.mime.get_raw is not before[2]
 """
     import subprocess
     import sys

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 from datetime import datetime
@@ -46,7 +45,7 @@ from pymap.parsing.response import (
     ResponseNo,
 )
 from pymap.parsing.specials import FetchRequirement, ObjectId, SequenceSet
-from pymap.parsing.specials.flag import Flag
+from pymap.parsing.specials.flag import Flag, Seen
 from pymap.selected import SelectedMailbox
 
 from relaygate.interfaces import Account
@@ -70,13 +69,18 @@ SIGNATURE_SETTLE_NS = 2_000_000_000
 DELIMITER = "/"
 #: pymap's per-folder keyword table (replaced, like the uidlist, when it changes)
 _KEYWORDS_FILE = "dovecot-keywords"
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 def to_crlf(data: bytes) -> bytes:
-    """Turn bare LF line ends into CRLF (RFC 5322 2.3; IMAP sizes count CRLF)."""
-    return _BARE_LF.sub(b"\r\n", data)
+    """Turn bare LF line ends into CRLF (RFC 5322 2.3; IMAP sizes count CRLF).
 
+    Every CRLF is made LF and every LF CRLF: the same as replacing each LF not
+    preceded by CR, several times faster than a regular expression, and a
+    message already in CRLF is returned as it is.
+    """
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 class RawMessage(MaildirMessage):
@@ -134,6 +138,11 @@ def _rename(root: str, meta: FileMeta, name: str) -> FileMeta | None:
     return FileMeta(meta.subdir, name, meta.mtime, meta.size)
 
 
+def _rename_all(root: str, renames: list[tuple[FileMeta, str]]) -> list[FileMeta | None]:
+    """:func:`_rename` for several files (blocking: one thread hop)."""
+    return [_rename(root, meta, name) for meta, name in renames]
+
+
 def _expunge(path: str, root: str, files: list[tuple[str, FileMeta]]) -> None:
     """Unlink messages and drop their uidlist entries (blocking: one thread hop)."""
     for _, meta in files:
@@ -164,6 +173,14 @@ class IndexedMessage(Message):
     def __init__(self, *args: Any, folder: Folder | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._folder = folder
+
+    @property
+    def folder(self) -> Folder | None:
+        return self._folder
+
+    @property
+    def key(self) -> str | None:
+        return self._key
 
     async def load_content(self, requirement: FetchRequirement) -> LoadedMessage:
         key = self._key
@@ -202,6 +219,9 @@ class Folder(MailboxData):
         self._plan_order: list[str] = []
         self._buffer: dict[str, MessageContent | None] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._messages: dict[str, tuple[Record, FileMeta, IndexedMessage]] = {}
+        #: the Maildir's directory
+        self.root: Final = str(maildir._path)
 
     @property
     def index(self) -> Index:
@@ -240,12 +260,23 @@ class Folder(MailboxData):
         return self
 
     def _message(self, rec: Record, meta: FileMeta) -> IndexedMessage:
+        # Every command lists the whole folder (pymap compares snapshots): the
+        # message object of a record and file that did not change is reused
+        # (pymap only modifies expunged copies of messages).
+        key = rec.key
+        known = self._messages.get(key)
+        if known is not None and known[1] is meta and known[0] is rec:
+            return known[2]
         flags = self.maildir_flags.from_maildir(meta.flags)
-        return IndexedMessage(rec.uid, datetime.fromtimestamp(meta.mtime), flags,
-                              email_id=ObjectId.maybe(rec.fields.get("E")),
-                              thread_id=ObjectId.maybe(rec.fields.get("T")),
-                              recent=meta.subdir == "new", maildir=self.maildir,
-                              key=rec.key, folder=self)
+        msg = IndexedMessage(rec.uid, datetime.fromtimestamp(meta.mtime), flags,
+                             email_id=ObjectId.maybe(rec.fields.get("E")),
+                             thread_id=ObjectId.maybe(rec.fields.get("T")),
+                             recent=meta.subdir == "new", maildir=self.maildir,
+                             key=key, folder=self)
+        if len(self._messages) > 2 * len(self._index.files) + 64:
+            self._messages.clear()  # forget expunged messages now and then
+        self._messages[key] = (rec, meta, msg)
+        return msg
 
     async def messages(self) -> AsyncIterable[Message]:
         for rec, meta in list(self._index.live()):
@@ -269,24 +300,47 @@ class Folder(MailboxData):
             return Message.copy_expunged(cached_msg)
         return self._message(*found)
 
-    async def update(self, uid: int, cached_msg: CachedMessage,
-                     flag_set: frozenset[Flag], mode: FlagOp) -> Message:
+    def get_now(self, uid: int, cached_msg: CachedMessage) -> Message:
+        """:meth:`get` without a trip through the loop (everything is in memory)."""
         found = self._index.lookup(uid)
         if found is None:
-            msg = Message.copy_expunged(cached_msg)
-            msg.permanent_flags = mode.apply(msg.permanent_flags, flag_set)
-            return msg
-        rec, meta = found
-        old = self.maildir_flags.from_maildir(meta.flags)
-        new = mode.apply(old, flag_set)
-        if new != old:
-            name = f"{rec.key}{self.maildir.colon}2,{self.maildir_flags.to_maildir(new)}"
+            return Message.copy_expunged(cached_msg)
+        return self._message(*found)
+
+    async def update(self, uid: int, cached_msg: CachedMessage,
+                     flag_set: frozenset[Flag], mode: FlagOp) -> Message:
+        return (await self.update_many([(uid, cached_msg)], flag_set, mode))[0]
+
+    async def update_many(self, messages: Sequence[tuple[int, CachedMessage]],
+                          flag_set: frozenset[Flag], mode: FlagOp) -> list[Message]:
+        """:meth:`update` for several messages, their files renamed in one thread hop."""
+        out: list[Message | tuple[Record, FileMeta]] = []
+        renames: list[tuple[int, FileMeta, str]] = []
+        for uid, cached_msg in messages:
+            found = self._index.lookup(uid)
+            if found is None:
+                msg = Message.copy_expunged(cached_msg)
+                msg.permanent_flags = mode.apply(msg.permanent_flags, flag_set)
+                out.append(msg)
+                continue
+            rec, meta = found
+            old = self.maildir_flags.from_maildir(meta.flags)
+            new = mode.apply(old, flag_set)
+            if new != old:
+                name = f"{rec.key}{self.maildir.colon}2,{self.maildir_flags.to_maildir(new)}"
+                renames.append((len(out), meta, name))
+            out.append(found)
+        if renames:
             root = str(self.maildir.root)
-            renamed = await asyncio.to_thread(_rename, root, meta, name)
-            if renamed is not None:
-                meta = renamed
-                cast(dict[str, FileMeta], self._index.files)[rec.key] = meta
-        return self._message(rec, meta)
+            renamed = await asyncio.to_thread(_rename_all, root,
+                                              [(meta, name) for _, meta, name in renames])
+            files = cast(dict[str, FileMeta], self._index.files)
+            for (i, _, _), meta_now in zip(renames, renamed, strict=True):
+                if meta_now is not None:
+                    rec = cast(tuple[Record, FileMeta], out[i])[0]
+                    files[rec.key] = meta_now
+                    out[i] = (rec, meta_now)
+        return [item if isinstance(item, Message) else self._message(*item) for item in out]
 
     async def delete(self, uids: Iterable[int]) -> None:
         index = self._index
@@ -552,10 +606,17 @@ class AccountSession(MaildirSession):
     async def fetch_messages(self, selected: SelectedMailbox, sequence_set: SequenceSet,
                              set_seen: bool) -> tuple[Iterable[tuple[int, Message]],
                                                       SelectedMailbox]:
-        messages, updates = await super().fetch_messages(selected, sequence_set, set_seen)
-        found = list(messages)
-        folders = {id(m._folder): m._folder for _, m in found
-                   if isinstance(m, IndexedMessage) and m._folder is not None}
-        for folder in folders.values():
-            folder.plan([m for _, m in found])  # FETCH loads contents in this order
-        return found, updates
+        # pymap's, with one thread hop for all \Seen renames rather than one
+        # per message, and the order noted for the read-ahead
+        mbx = await self._get_selected(selected)
+        if not isinstance(mbx, Folder):
+            return await super().fetch_messages(selected, sequence_set, set_seen)
+        wanted = [(seq, cached) for seq, cached in selected.messages.get_all(sequence_set)]
+        if set_seen:
+            msgs = await mbx.update_many([(cached.uid, cached) for _, cached in wanted],
+                                         frozenset({Seen}), FlagOp.ADD)
+        else:
+            msgs = [mbx.get_now(cached.uid, cached) for _, cached in wanted]
+        found = [(seq, msg) for (seq, _), msg in zip(wanted, msgs, strict=True)]
+        mbx.plan(msgs)  # a general-path FETCH loads contents in this order
+        return found, await mbx.update_selected(selected)

@@ -26,6 +26,7 @@ from pymap.interfaces.login import IdentityInterface, LoginInterface
 from pymap.parsing import Params
 from pymap.parsing.command import Command
 from pymap.parsing.command.nonauth import AuthenticateCommand, LoginCommand, StartTLSCommand
+from pymap.parsing.command.select import FetchCommand
 from pymap.parsing.commands import Commands
 from pymap.parsing.response import (
     CommandResponse,
@@ -38,6 +39,7 @@ from pymap.parsing.response import (
     ResponseOk,
 )
 from pymap.parsing.state import ExpectContinuation, ParsingInterrupt, ParsingState
+from pymap.selected import SelectedMailbox
 from pymap.token import AllTokens
 from pymap.user import UserMetadata
 from pysasl.creds.server import ServerCredentials
@@ -45,12 +47,14 @@ from pysasl.exception import MechanismUnusable
 
 from relaygate.interfaces import Account
 from relaygate.mail.maildir import ensure_maildir
+from relaygate.servers.imap import rawfetch
 from relaygate.servers.imap.backend import (
     AccountMailboxes,
     AccountSession,
     FolderLayout,
     RawMaildir,
 )
+from relaygate.servers.imap.rawfetch import RawFetchOk
 from relaygate.servers.listeners import (
     TLS_HANDSHAKE_TIMEOUT,
     Listener,
@@ -316,6 +320,12 @@ class SessionState(ConnectionState):
         await self._service.logged_in(session.account, self._conn)
         return response
 
+    async def do_fetch(self, cmd: FetchCommand) -> tuple[CommandResponse,
+                                                         SelectedMailbox | None]:
+        if not rawfetch.eligible(cmd.attributes):
+            return await super().do_fetch(cmd)
+        return await rawfetch.fetch(self.session, self.selected, cmd)
+
     def _fail(self) -> None:
         self._conn.auth_failures += 1
         if self._conn.auth_failures >= MAX_AUTH_FAILURES:
@@ -458,6 +468,8 @@ class Connection(IMAPConnection):
     async def _write(self, resp: Response) -> None:
         writer = self.writer
         if isinstance(resp, CommandResponse):
+            if isinstance(resp, RawFetchOk):
+                await rawfetch.send(resp, writer)  # chunks built in a thread
             # One untagged response at a time, draining in between, so FETCH
             # 1:* BODY[] holds one message in memory, not the whole mailbox.
             for untagged in resp._untagged:

@@ -6,7 +6,11 @@ changes nothing in pymap.
   through a temporary file in ``/tmp`` renamed into the Maildir (EXDEV across
   file systems) and never fsynced them;
 - ``MessageBody._find_parts`` kept the CRLF before a multipart boundary in the
-  part (RFC 2046 5.1.1), so BODY[n] and BODYSTRUCTURE sizes were two octets long.
+  part (RFC 2046 5.1.1), so BODY[n] and BODYSTRUCTURE sizes were two octets long;
+- ``get_raw`` (the bytes spanned by a header's or body's lines) answered
+  ``view[0:-1]`` for an empty list of lines: a message with no empty line
+  after its header lost its last octet in BODY[] and RFC822.SIZE, and its
+  empty header or body read as nearly the whole message.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+import pymap.mime
+import pymap.mime._util
 from pymap.backend.maildir.io import FileWriteable
 from pymap.mime import MessageBody
 
@@ -70,15 +76,28 @@ def _find_parts(cls: type[MessageBody], data: bytes, view: memoryview,
     return out
 
 
+def _get_raw(view: memoryview, *lines: Sequence[tuple[int, int, int]]) -> memoryview:
+    """The bytes from the first of ``lines`` to the end of the last one (each
+    line is start, end of text, end including the line break); empty groups
+    count for nothing, and no lines at all are no bytes."""
+    groups = [group for group in lines if group]
+    if not groups:
+        return view[0:0]
+    return view[groups[0][0][0]:groups[-1][-1][2]]
+
+
 #: pymap's own functions, kept so the fixes can call them (and tests can compare)
 _ORIGINAL_FILE_WRITE = FileWriteable.file_write
 _ORIGINAL_FIND_PARTS = MessageBody._find_parts.__func__  # type: ignore[attr-defined]
+_ORIGINAL_GET_RAW = pymap.mime._util.get_raw
 
 
 def apply() -> None:
     """Install the fixes into pymap (idempotent; the IMAP service calls it)."""
     FileWriteable.file_write = _file_write  # type: ignore[method-assign]
     MessageBody._find_parts = classmethod(_find_parts)  # type: ignore[assignment]
+    pymap.mime.get_raw = _get_raw  # type: ignore[attr-defined]
+    pymap.mime._util.get_raw = _get_raw
 
 
 def applied() -> bool:

@@ -56,14 +56,16 @@ on its maildir backend. The adapter supplies:
 
 The package: ``service`` (this module: listeners, logins, windows, pymap's
 configuration), ``connection`` (the per-connection loop, limits and login
-rules), ``backend`` (folders over Maildir), ``pymap_fixes`` (the defects that
-cannot be fixed by subclassing, installed by :func:`pymap_fixes.apply` when the
-service is built: importing relaygate changes nothing in pymap).
+rules), ``backend`` (folders over Maildir), ``rawfetch`` (FETCH of message
+bytes and headers without a MIME parse, rendered in a worker thread),
+``pymap_fixes`` (the defects that cannot be fixed by subclassing, installed by
+:func:`pymap_fixes.apply` when the service is built: importing relaygate
+changes nothing in pymap).
 
 pymap runs with its asyncio "subsystem": commands run on the event loop
 beside SMTP and POP3 (its thread subsystem would tie a worker thread to every
-IDLE session). Maildir reads are small synchronous file operations on the
-loop; message writes (APPEND, COPY) run in a thread.
+IDLE session). Folder listings, FETCH reads and APPEND/COPY writes run in threads
+(see ``backend`` and ``rawfetch``).
 """
 
 from __future__ import annotations
