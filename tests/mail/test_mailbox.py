@@ -198,3 +198,25 @@ def test_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
         proc.wait(10)
     # the other process is gone: its lock died with it
     lock_mailbox(box).release()
+
+
+def test_read_whole_in_part_renamed_and_removed(tmp_path: Path) -> None:
+    from relaygate.mail.mailbox import MailboxError
+
+    box = tmp_path / "box"
+    small, large = b"Subject: s\n\nsmall\n", b"Subject: l\n\n" + b"z" * 5000 + b"\n"
+    p1, p2 = deliver(box, small), deliver(box, large)
+    mb = MaildirMailbox(box)
+    m1, m2 = mb.scan()
+    assert mb.read(m1, 100) == (small, None)
+    data, f = mb.read(m2, 100)
+    assert data == large[:100] and f is not None
+    with f:
+        assert f.read() == large[100:]
+    assert mb.read(m2, len(large)) == (large, None)  # exactly the limit: whole
+    os.rename(p1, box / "cur" / f"{p1.name}:2,S")  # another reader marked it seen
+    assert mb.read(m1, 100) == (small, None)
+    assert m1.path == box / "cur" / f"{p1.name}:2,S"
+    p2.unlink()
+    with pytest.raises(MailboxError, match="has been removed"):
+        mb.read(m2, 100)

@@ -722,16 +722,18 @@ async def test_reload_swaps_the_certificate_and_keeps_it_on_error(tmp_path: Path
         await h.stop()
 
 
-async def test_retr_takes_one_thread_hop_per_message_and_renames_in_one(
+async def test_retr_reads_ahead_in_one_thread_hop_and_renames_in_one(
         pop: Pop3Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    from relaygate.servers.pop3 import Pop3Service
+
     box = pop.db.find_account("alice").maildir  # type: ignore[union-attr]
     paths = [deliver(box, MSG1 + b"message %d\n" % i) for i in range(5)]
     hops: list[str] = []
-    real = asyncio.to_thread
+    real = Pop3Service._hop
 
-    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: Pop3Service, func: Any, /, *args: Any) -> Any:
         hops.append(getattr(func, "__name__", repr(func)))
-        return await real(func, *args, **kwargs)
+        return real(self, func, *args)
 
     def session() -> list[list[bytes]]:
         c = client(pop)
@@ -744,12 +746,12 @@ async def test_retr_takes_one_thread_hop_per_message_and_renames_in_one(
         c.quit()
         return out
 
-    monkeypatch.setattr(asyncio, "to_thread", counting)
-    bodies = await real(session)
+    monkeypatch.setattr(Pop3Service, "_hop", counting)
+    bodies = await asyncio.to_thread(session)
     assert [b[-1] for b in bodies] == [b"message %d" % i for i in range(5)]
-    # five reads, one hop for four renames and the deletion, one to free the lock
-    assert hops.count("read") == 5
-    assert len(hops) == 7, hops
+    # one read (RETR 1 reads 2-5 ahead), one hop for four renames and the deletion,
+    # one to free the lock
+    assert hops == ["_read_message", "apply", "release"]
     assert sorted(f.name for f in (box / "cur").iterdir()) == sorted(
         f"{p.name}:2,S" for p in paths[:4])
     assert list((box / "new").iterdir()) == []

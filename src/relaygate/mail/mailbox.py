@@ -238,16 +238,37 @@ class MaildirMailbox:
         ``(data, None)``. A larger one comes back as its first ``limit`` octets
         and the open file, positioned after them, for the caller to go on
         reading and close. MailboxError if it vanished or cannot be read.
+
+        Plain ``os`` calls (open, fstat, read, close): a buffered file object asks
+        for a ``limit``-sized buffer and several more system calls, which cost
+        several times the read of a small message.
         """
-        f = self.open(msg)
         try:
-            data = f.read(limit + 1)
+            fd = os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            path = self.locate(msg)  # renamed by another reader meanwhile?
+            if path is None:
+                raise MailboxError(f"message {msg.name} has been removed") from None
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise MailboxError(f"cannot open {path}: {exc}") from exc
         except OSError as exc:
-            f.close()
+            raise MailboxError(f"cannot open {msg.path}: {exc}") from exc
+        try:
+            data = os.read(fd, min(os.fstat(fd).st_size, limit) + 1)
+            while len(data) <= limit:  # a short read, or a file that grew: read to the end
+                more = os.read(fd, limit + 1 - len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            os.close(fd)
             raise MailboxError(f"cannot read {msg.path}: {exc}") from exc
         if len(data) <= limit:
-            f.close()
+            os.close(fd)
             return data, None
+        f = os.fdopen(fd, "rb")
         f.seek(limit)
         return data[:limit], f
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -232,6 +233,10 @@ class Pop3Connection:
 
     def plaintext_ok(self) -> bool:
         return self.tls_active or self.config.plaintext_without_tls
+
+    def is_deleted(self, index: int) -> bool:
+        """Whether message ``index`` (0-based) is marked deleted (DELE, not undone by RSET)."""
+        return self._messages[index].deleted
 
     def receive_data(self, data: bytes) -> None:
         if self.state is State.CLOSED or self._eof:
@@ -662,16 +667,25 @@ def _is_md5_hex(s: str) -> bool:
 # -- message encoding ----------------------------------------------------------
 
 
+#: a line starting with "." (after the first): dot-stuffed by encode_message
+_DOT_LINE = re.compile(rb"\n\.")
+
+
 def encode_message(data: bytes) -> bytes:
     """A whole stored message -> RETR wire form, terminator included.
 
     The same bytes as :class:`MessageEncoder` (no ``top``) fed ``data`` in any
     pieces, made with a few C-level passes instead of a loop over lines: the
-    server sends a message it read in one go this way.
+    server sends a message it read in one go this way. Stored mail usually has
+    bare LF line ends and no CR, so the CRLF pass is skipped when there is no
+    CR, and dot-stuffing is one regex pass (faster than ``bytes.replace`` with a
+    two-octet pattern, which scans twice).
     """
     if not data:
         return b".\r\n"
-    wire = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")
+    wire = _DOT_LINE.sub(b"\n..", data).replace(b"\n", b"\r\n")
     if wire.startswith(b"."):
         wire = b"." + wire
     if wire.endswith(b"\r") and not wire.endswith(b"\r\n"):
