@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+from relaygate.mail.dirsync import sync_dir
+
 _counter = itertools.count(1)
 #: maildir subfolders
 SUBDIRS = ("tmp", "new", "cur")
@@ -48,13 +50,6 @@ def unique_name(size: int | None = None) -> str:
     return name
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class MaildirWriter:
     """One message written into ``maildir/tmp`` piece by piece, then moved to ``new/``.
@@ -66,12 +61,18 @@ class MaildirWriter:
     """
 
     def __init__(self, maildir: Path, prefix: bytes = b"") -> None:
-        ensure_maildir(maildir)
         self.maildir = maildir
         self.name = unique_name()
         self.tmp = maildir / "tmp" / self.name
         self.size = 0
-        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            # A new mailbox (or one an administrator removed): create it. Looked
+            # for only when missing, not before every message.
+            ensure_maildir(maildir)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd: int | None = fd
         if prefix:
             try:
                 self.write(prefix)
@@ -96,11 +97,17 @@ class MaildirWriter:
             self._fd = None
             name = f"{self.name},S={self.size}"
             final = self.maildir / subdir / (name if subdir == "new" else f"{name}:2,{flags}")
-            os.rename(self.tmp, final)
+            try:
+                os.rename(self.tmp, final)
+            except FileNotFoundError:
+                if not self.tmp.exists():
+                    raise
+                ensure_maildir(self.maildir)  # tmp/ was there, new/ or cur/ was not
+                os.rename(self.tmp, final)
         except BaseException:
             self.discard()
             raise
-        _fsync_dir(self.maildir / subdir)
+        sync_dir(self.maildir / subdir)
         return final
 
     def discard(self) -> None:

@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.errors import RelaygateError
+from relaygate.mail.dirsync import sync_dir
 
 log = logging.getLogger("relaygate.queue")
 
@@ -257,13 +258,6 @@ class CleanupReport:
     orphans_moved: list[str] = field(default_factory=list)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_file(path: Path, data: bytes) -> None:
     """Create ``path`` (must not exist), write everything and fsync it."""
@@ -430,11 +424,11 @@ class Queue:
                        created=now, size=writer.size, next_attempt=now)
         env_tmp = self.tmp_dir / f"{qid}.env"
         os.rename(writer.tmp, self.msg_dir / qid)
-        _fsync_dir(self.msg_dir)
+        sync_dir(self.msg_dir)
         try:
             _write_file(env_tmp, env.to_json())
             os.rename(env_tmp, self.env_dir / qid)
-            _fsync_dir(self.env_dir)
+            sync_dir(self.env_dir)
         except BaseException:
             # Not acknowledged: take the message back so no orphan is left behind.
             with contextlib.suppress(OSError):
@@ -464,7 +458,7 @@ class Queue:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        _fsync_dir(self.env_dir)
+        sync_dir(self.env_dir)
 
     def remove(self, qid: str) -> bool:
         """Remove a finished (or deleted) message: envelope first, then message file."""
@@ -475,7 +469,7 @@ class Queue:
             found = False
         else:
             found = True
-            _fsync_dir(self.env_dir)
+            sync_dir(self.env_dir)
         with contextlib.suppress(FileNotFoundError):
             (self.msg_dir / qid).unlink()
         return found
@@ -512,8 +506,8 @@ class Queue:
             os.rename(self.env_dir / qid, self.hold_dir / qid)
         except FileNotFoundError:
             return False
-        _fsync_dir(self.hold_dir)
-        _fsync_dir(self.env_dir)
+        sync_dir(self.hold_dir)
+        sync_dir(self.env_dir)
         return True
 
     def release(self, qid: str, now: float | None = None) -> bool:
@@ -534,9 +528,9 @@ class Queue:
         tmp = self.tmp_dir / f"{qid}.{secrets.token_hex(4)}.env"
         _write_file(tmp, env.to_json())
         os.rename(tmp, self.env_dir / qid)
-        _fsync_dir(self.env_dir)
+        sync_dir(self.env_dir)
         src.unlink()
-        _fsync_dir(self.hold_dir)
+        sync_dir(self.hold_dir)
         return True
 
     def held_ids(self) -> list[str]:
@@ -652,11 +646,11 @@ class Queue:
                                  "(no --to)")
             env.next_attempt = time.time()
             os.rename(msg_q, self.msg_dir / qid)
-            _fsync_dir(self.msg_dir)
+            sync_dir(self.msg_dir)
             tmp = self.tmp_dir / f"{qid}.{secrets.token_hex(4)}.env"
             _write_file(tmp, env.to_json())
             os.rename(tmp, self.env_dir / qid)
-            _fsync_dir(self.env_dir)
+            sync_dir(self.env_dir)
             self.delete_quarantined(item)
             return qid
         if not to:
@@ -676,8 +670,8 @@ class Queue:
         reason = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {why}\n".encode("utf-8", "replace")
         with contextlib.suppress(FileExistsError):
             _write_file(qdir / f"{qid}.why", reason)
-        _fsync_dir(qdir)
-        _fsync_dir(self.env_dir)
+        sync_dir(qdir)
+        sync_dir(self.env_dir)
         return qdir / f"{qid}.env"
 
     def keep_for_postmaster(self, data: bytes, name: str) -> Path:
@@ -688,7 +682,7 @@ class Queue:
         _write_file(tmp, data)
         final = pdir / f"{name}.{secrets.token_hex(4)}.eml"
         os.rename(tmp, final)
-        _fsync_dir(pdir)
+        sync_dir(pdir)
         return final
 
     # -- reading ---------------------------------------------------------------
@@ -767,7 +761,7 @@ class Queue:
                     os.rename(entry.path, self.quarantine_dir / f"orphan-{entry.name}.msg")
                     report.orphans_moved.append(entry.name)
         if report.orphans_moved:
-            _fsync_dir(self.quarantine_dir)
+            sync_dir(self.quarantine_dir)
             log.warning("queue: moved %d orphaned message file(s) to %s",
                         len(report.orphans_moved), self.quarantine_dir)
         return report

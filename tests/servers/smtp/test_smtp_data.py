@@ -12,7 +12,7 @@ import pytest
 from test_smtp_support import LOCAL, RULE_IP, RawClient, SmtpHarness
 
 from relaygate.mail.queue import Queue
-from relaygate.servers.smtp.data import MESSAGE_BUFFER, DataBudget, IncomingMessage
+from relaygate.servers.smtp.data import MESSAGE_BUFFER, WRITE_AT, DataBudget, IncomingMessage
 
 BODY = b"".join(b"line %06d " % i + b"z" * 60 + b"\r\n" for i in range(20_000))  # ~1.4 MB
 
@@ -186,7 +186,7 @@ async def test_discard_while_a_write_is_in_flight_removes_files_after_it() -> No
     with ThreadPoolExecutor(1) as pool:
         f = SlowFile(gate)
         m = IncomingMessage([f], executor=pool, budget=budget)
-        await m.add(b"x" * 1000)
+        await m.add(b"x" * WRITE_AT)  # enough to start a write during the transfer
         m.discard()
         assert not f.discarded  # the write still runs: the file must stay open for it
         gate.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,25 @@ def test_idle_client_times_out(tmp_path: Path) -> None:
         h.stop()
 
 
+def test_each_command_moves_the_idle_deadline_on(tmp_path: Path) -> None:
+    """The timer is not remade per command: one that fires early must re-arm, not close."""
+    h = harness(tmp_path, command_timeout=0.8)
+    try:
+        r = session(h)
+        start = time.monotonic()
+        last = start
+        while time.monotonic() - start < 2.5:  # three timeouts' worth, never idle for one
+            assert r.cmd("NOOP").startswith("250")
+            last = time.monotonic()
+            time.sleep(0.3)
+        r.sock.settimeout(10)
+        assert r.reply().startswith("421 4.4.2")
+        assert 0.6 < time.monotonic() - last < 5
+        assert r.closed()
+    finally:
+        h.stop()
+
+
 def test_slowloris_command_times_out(tmp_path: Path) -> None:
     h = harness(tmp_path, command_timeout=0.8)
     try:
@@ -250,3 +270,47 @@ def test_stop_lets_the_transaction_in_flight_finish(tmp_path: Path) -> None:
             h.stop()
         except concurrent.futures.TimeoutError:
             pass
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_fast_protocol_setup_matches_aiosmtpd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              tls: bool) -> None:
+    """RelaySMTP skips aiosmtpd's per-connection inspection: it must set what aiosmtpd sets."""
+    from test_smtp_support import tls_files
+
+    from relaygate.servers.smtp import service
+
+    h = SmtpHarness(tmp_path, tls=tls_files(tmp_path)[0] if tls else None)
+    try:
+        smtp = h.services[0]
+        info = service.ListenerInfo("smtp", plaintext_auth=not tls)
+
+        async def make() -> service.RelaySMTP:
+            return smtp.make_protocol(info)
+
+        fast = h.call(make())
+        monkeypatch.setattr(service, "_FAST_INIT", False)
+        slow = h.call(make())
+    finally:
+        h.stop()
+    ours, theirs = vars(fast), vars(slow)
+    assert set(ours) == set(theirs)
+    for name, value in theirs.items():
+        if isinstance(value, dict):
+            assert set(ours[name]) == set(value), name
+            for key, item in value.items():
+                mine = ours[name][key]
+                bound = getattr(item, "handler", item)
+                other = getattr(mine, "handler", mine)
+                assert getattr(other, "__func__", other) == getattr(bound, "__func__", bound), (
+                    name, key)
+                assert getattr(mine, "is_builtin", None) == getattr(item, "is_builtin", None)
+        elif isinstance(value, weakref.ref):
+            assert type(ours[name]()) is type(value()), name
+        elif callable(value):
+            assert getattr(ours[name], "__func__", ours[name]) == getattr(value, "__func__",
+                                                                          value), name
+        elif type(value).__eq__ is object.__eq__:
+            assert type(ours[name]) is type(value), name  # a per-connection object
+        else:
+            assert ours[name] == value, name

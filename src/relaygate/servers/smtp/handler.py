@@ -253,6 +253,9 @@ class RelayHandler:
         session.host_name = hostname
         if self.ctx.directory is None:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
+        # RFC 2920: the server answers pipelined commands in order, writing
+        # the replies together (RelaySMTP.push).
+        responses.insert(-1, "250-PIPELINING")
         # One write for the whole multi-line reply: aiosmtpd writes each line
         # on its own, and clients that read one segment per reply (nmap's
         # smtp library, for one) then fall a reply behind for the session.
@@ -461,11 +464,9 @@ class RelayHandler:
         queue_id: str | None = None
         names: list[str] = []
         try:
-            await incoming.flush()
-            files = list(incoming.files)
+            paths = await incoming.commit()  # the queue's file first (begin_data)
             if envelope.relayed:
-                queue_id = str(await self._disk(files.pop(0).commit))
-            paths = await asyncio.gather(*(self._disk(f.commit) for f in files))
+                queue_id = str(paths.pop(0))
             names = [Path(p).name for p in paths]
         except Exception as exc:
             self._store_failed(exc, msgid, state, queue_id)

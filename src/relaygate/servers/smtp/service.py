@@ -8,6 +8,14 @@ subclass that adds what a public server needs and aiosmtpd leaves out, and
 :class:`relaygate.servers.smtp.handler.RelayHandler` makes every decision.
 The subclass:
 
+- offers PIPELINING (RFC 2920): commands are taken one at a time from the
+  input buffer, as always, but a reply is held while the next command is
+  already buffered, and the held replies go out in one write when the buffer
+  holds no complete command (the client is then waiting), or at once before
+  the client must act on them (``354``, ``334``, the ``220`` before a TLS
+  handshake, ``221``/``421`` before a close). The plaintext bytes still
+  buffered when STARTTLS's handshake starts are thrown away (aiosmtpd),
+  so commands injected behind STARTTLS are never run inside TLS;
 - parses MAIL/RCPT paths with relaygate's strict RFC 5321 parser instead of
   the RFC 5322 header parser (which silently drops source routes and
   comments), so the handler sees exactly what the client sent;
@@ -44,11 +52,11 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, _AuthMechAttr, login_always_fail, syntax
 
 from relaygate.addresses import is_loopback
 from relaygate.decision import Decision, Verdict
@@ -94,6 +102,12 @@ CLIENT_FAILURES: tuple[type[BaseException], ...] = (
 DATA_READ_SIZE = 64 * 1024
 #: how often stop() looks for sessions that finished their transaction
 STOP_POLL = 0.05
+#: a timer firing this close to its session's deadline times the session out
+TIMER_SLACK = 0.01
+#: replies held for pipelined commands are written once they reach this many bytes
+HELD_REPLIES_LIMIT = 16 * 1024
+#: replies written at once (with those held before them): TLS handshake next, or a close
+_WRITE_AT_ONCE = (b"220", b"221", b"421")
 #: a trusted proxy's own connection (PROXY v2 LOCAL: a health check) relays nothing
 PROXY_LOCAL = Decision(Verdict.DENY, "the proxy's own connection (PROXY LOCAL)", "proxy")
 
@@ -128,7 +142,10 @@ class RelaySMTP(SMTP):
         # aiosmtpd keeps these limits in a class-level dict that every
         # connection would share and grow; give each connection its own.
         self.command_size_limits = _command_limits()
-        super().__init__(handler, **kwargs)
+        if _FAST_INIT and kwargs.keys() <= _FAST_INIT_ARGS:
+            self._fast_init(handler, **kwargs)
+        else:
+            super().__init__(handler, **kwargs)
         self._info = info
         self._peer = peer
         self._owner = owner
@@ -142,8 +159,62 @@ class RelaySMTP(SMTP):
         self._gone = False
         self._eof_pending = False
         self._incoming: IncomingMessage | None = None
+        self._deadline = 0.0
+        self._timer_armed = False
+        #: replies held while more pipelined commands wait in the input buffer
+        self._held: list[bytes] = []
+        self._held_size = 0
         self.client = ClientState(None, info.service, info.plaintext_auth,
                                   tls=info.implicit_tls, fixed=info.fixed)
+
+    def _fast_init(self, handler: RelayHandler, *, hostname: str, ident: str,
+                   data_size_limit: int, tls_context: ssl.SSLContext | None, timeout: float,
+                   auth_require_tls: bool, loop: asyncio.AbstractEventLoop,
+                   enable_SMTPUTF8: bool = False, decode_data: bool = False) -> None:
+        """aiosmtpd's ``SMTP.__init__`` for the options relaygate uses, minus its inspection.
+
+        aiosmtpd looks for ``smtp_*``/``auth_*``/``handle_*`` methods with
+        ``inspect.getmembers`` and reads ``handle_EHLO``'s signature on every
+        connection: a fifth of the CPU of a one-message session. The names are
+        the same every time, so they are found once (``_SMTP_NAMES``,
+        ``_HANDLER_NAMES``) and only bound here. The attributes set are
+        aiosmtpd 1.4's; tests/servers/smtp/test_smtp_limits.py compares them
+        with what aiosmtpd's own ``__init__`` sets, so an aiosmtpd that sets
+        more fails the tests instead of breaking sessions.
+        """
+        self.__ident__ = ident
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        self._proxy_timeout = None
+        self._auth_callback = login_always_fail
+        self._authenticator = None
+        self._auth_required = False
+        # aiosmtpd declares these as dicts; it only reads them as mappings
+        objects = (self, handler)
+        self._auth_methods = _Bound(objects, _AUTH_MECHANISMS, auth=True)  # type: ignore[assignment]
+        self._handle_hooks = _Bound(objects, _HANDLER_HOOKS)  # type: ignore[assignment]
+        self._ehlo_hook_ver = "new"
+        self._smtp_methods = _Bound(objects, _SMTP_COMMANDS)  # type: ignore[assignment]
+        self._enforce_call_limit = False
 
     # -- connection bookkeeping ----------------------------------------------
 
@@ -198,12 +269,37 @@ class RelaySMTP(SMTP):
             return True
         return super().eof_received()
 
-    def _buffered(self) -> bytes:
-        return bytes(getattr(self._reader, "_buffer", b""))
+    def _buffered(self) -> bytes | bytearray:
+        buffer: bytes | bytearray = getattr(self._reader, "_buffer", b"")
+        return buffer
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
         super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's, without a new timer for every command.
+
+        aiosmtpd cancels the timer and makes a new one for each command; here
+        a command only moves the deadline on, and a timer that fires before
+        it re-arms itself for the rest.
+        """
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is not None:
+            if self._timer_armed and not handle.cancelled() and handle.when() <= self._deadline:
+                return
+            handle.cancel()
+        self._timer_armed = True
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer_armed = False
+        if self._deadline - self.loop.time() > TIMER_SLACK:
+            self._timer_armed = True
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self._in_data:
@@ -218,12 +314,17 @@ class RelaySMTP(SMTP):
         self._say(f"421 4.4.2 {self.hostname} timeout, closing connection")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
-    def _say(self, line: str) -> None:
-        """Write a final line straight to the transport (no flow control needed)."""
+    def _say(self, line: str | None) -> None:
+        """Write the held replies and a final line straight to the transport (no flow control)."""
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        if line is not None:
+            data += line.encode("ascii", "replace") + b"\r\n"
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if data and isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             with contextlib.suppress(Exception):
-                transport.write(line.encode("ascii", "replace") + b"\r\n")
+                transport.write(data)
 
     @property
     def busy(self) -> bool:
@@ -239,7 +340,26 @@ class RelaySMTP(SMTP):
     # -- replies and budgets -------------------------------------------------
 
     async def push(self, status: AnyStr) -> None:
-        await super().push(status)
+        """Queue a reply; write what is queued when the client waits for it (RFC 2920).
+
+        Replies to pipelined commands are held while the next command is
+        already in the input buffer, and written together, in one write, once
+        the buffer holds no complete command: the client is then waiting.
+        Replies the client must see before it sends more (``3xx`` such as
+        ``354`` and ``334``, the ``220`` before a TLS handshake, ``221`` and
+        ``421`` before a close) are written at once.
+        """
+        response = status if isinstance(status, bytes) else status.encode(
+            "utf-8" if self.enable_SMTPUTF8 else "ascii")
+        self._held.append(response + b"\r\n")
+        self._held_size += len(response) + 2
+        if (response[:1] == b"3" or response[:3] in _WRITE_AT_ONCE
+                or self._held_size >= HELD_REPLIES_LIMIT or b"\n" not in self._buffered()):
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_size = 0
+            self._writer.write(data)
+            await self._writer.drain()
         if self._eof_pending and b"\n" not in self._buffered() and self.transport is not None:
             self.transport.close()
         first = status[:1]
@@ -273,6 +393,7 @@ class RelaySMTP(SMTP):
             what = "TLS handshake failed" if isinstance(error, TLSSetupException) \
                 else "connection failed"
             log.info("%s with %s: %s", what, self.client.shown_ip, _describe(cause))
+            self._say(None)  # the replies held for the commands before
             if self.transport is not None:
                 self.transport.close()
             return "421 4.7.0 connection failed, closing"
@@ -401,6 +522,59 @@ def _describe(exc: BaseException | None) -> str:
 
 #: the names aiosmtpd looks up on the protocol object (see RelaySMTP.__dir__)
 _SMTP_NAMES = sorted(n for n in dir(RelaySMTP) if n.startswith(("smtp_", "auth_")))
+#: command -> (0: on the protocol, attribute); likewise the handler's hooks (1: on the handler)
+_SMTP_COMMANDS = {n[5:]: (0, n) for n in _SMTP_NAMES if n.startswith("smtp_")}
+_HANDLER_HOOKS = {n[7:]: (1, n) for n in dir(RelayHandler) if n.startswith("handle_")}
+#: AUTH mechanism -> where, as aiosmtpd names them: a handler's auth_X replaces the protocol's
+_AUTH_MECHANISMS = {
+    getattr(getattr(cls, n), "__auth_mechanism_name__",
+            n.replace("auth_", "").replace("__", "-")): (which, n)
+    for which, cls in enumerate((RelaySMTP, RelayHandler))
+    for n in sorted(dir(cls)) if n.startswith("auth_")}
+
+
+class _Bound(Mapping[str, Any]):
+    """A name -> bound method table (aiosmtpd's dicts), each method bound when first used.
+
+    A session uses five or six of its twenty-odd commands and hooks: binding
+    them all up front was most of what a session's set-up still cost.
+    """
+
+    __slots__ = ("_auth", "_bound", "_names", "_objects")
+
+    def __init__(self, objects: tuple[Any, Any], names: dict[str, tuple[int, str]], *,
+                 auth: bool = False) -> None:
+        self._objects = objects
+        self._names = names
+        self._auth = auth
+        self._bound: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._bound[key]
+        except KeyError:
+            which, attr = self._names[key]
+        found: Any = getattr(self._objects[which], attr)
+        if self._auth:
+            found = _AuthMechAttr(found, which == 0)
+        self._bound[key] = found
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+#: keyword arguments _fast_init takes; anything else goes to aiosmtpd's __init__
+_FAST_INIT_ARGS = {"hostname", "ident", "data_size_limit", "tls_context", "timeout",
+                   "auth_require_tls", "loop", "enable_SMTPUTF8", "decode_data"}
+#: off: every connection through aiosmtpd's own __init__ (the tests compare the two)
+_FAST_INIT = True
 
 
 def _command_limits() -> Any:
