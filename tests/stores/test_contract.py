@@ -1,7 +1,8 @@
 """The GrantStore contract (stores/base.py), run against every backend.
 
 memory, spool, sqlite, a real redis-server, the same through Redis Sentinel and
-on a three-master Redis Cluster, and a real valkey-server: the same behaviour,
+on a three-master Redis Cluster, those three again over TLS only (client
+certificates required), and a real valkey-server: the same behaviour,
 the same refusals, and a store failure always becomes TEMPFAIL, never ALLOW.
 """
 

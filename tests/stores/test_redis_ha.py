@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from redis.crc import key_slot
 
 from conftest import need_program
 from relaygate.config import load_settings
 from relaygate.control import RelayControl
 from relaygate.decision import Verdict
-from relaygate.errors import ConfigError
+from relaygate.errors import ConfigError, StoreError
 from relaygate.grants import Grant
 from relaygate.stores import check_url, open_store, redact_url
 from relaygate.stores.redis import CLUSTER_TAGS, DEFAULT_PREFIX, RedisStore
@@ -194,13 +193,114 @@ def test_cluster_down_at_start_is_tempfail_then_recovers(tmp_path: Path) -> None
         cluster.stop()
 
 
+def _node_failed(survivor: Any, victim_port: int) -> bool:
+    """Whether ``survivor`` has flagged the node on ``victim_port`` as failed."""
+    c = survivor.client()
+    try:
+        nodes = c.execute_command("CLUSTER", "NODES")
+    finally:
+        c.close()
+    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    # <id> <ip:port@bus> <flags,...> ...: "fail" once the majority agreed ("fail?" before)
+    return any(f":{victim_port}@" in line and "fail" in line.split()[2].split(",")
+               for line in text.splitlines())
+
+
+@pytest.mark.parametrize("full_coverage", ["no", "yes"])
+def test_cluster_master_loss(tmp_path: Path, full_coverage: str) -> None:
+    """One of three masters (no replicas) is killed. With
+    ``cluster-require-full-coverage no`` the grants on the other two keep working and
+    lookups for the lost master's slots are TEMPFAIL; with the default (``yes``) the
+    whole cluster refuses commands once the loss is detected, so every lookup is
+    TEMPFAIL. Throughout, no stranger is allowed and no open window is denied."""
+    exe, cli = need_program("redis-server"), need_program("redis-cli")
+    cluster = start_cluster(exe, cli, tmp_path, "--cluster-require-full-coverage", full_coverage)
+    prefix = f"loss{time.time_ns()}:"
+    store = open_store(cluster.url(f"prefix={prefix}"))
+    assert isinstance(store, RedisStore)
+    control = RelayControl(store)
+    victim, survivor = cluster.nodes[1], cluster.nodes[0]
+    try:
+        known = [f"198.51.100.{i}" for i in range(1, 65)]
+        for ip in known:
+            control.open_window(ip, user="alice", source="pop3")
+        vc = victim.client()
+        try:
+            # the victim's own slots (CLUSTER SLOTS: [start, end, [host, port, id], ...])
+            mine = [(int(r[0]), int(r[1])) for r in vc.execute_command("CLUSTER", "SLOTS")
+                    if int(r[2][1]) == victim.port]
+        finally:
+            vc.close()
+        lost = {ip for ip in known if any(
+            a <= key_slot(f"{store._bucket(ip).prefix}{ip}".encode()) <= b for a, b in mine)}
+        kept = [ip for ip in known if ip not in lost]
+        assert lost and kept
+        # strangers (their buckets on any of the masters)
+        strangers = [f"203.0.113.{i}" for i in range(1, 9)]
+
+        poller = Poller(control, known)
+        poller.start()
+        time.sleep(0.3)
+        killed = time.monotonic()
+        victim.kill()
+        deadline = killed + FAILOVER_BOUND
+        while not _node_failed(survivor, victim.port):
+            assert time.monotonic() < deadline, "the survivors never flagged the lost master"
+            time.sleep(0.1)
+        if full_coverage == "yes":
+            # the survivors refuse every command (CLUSTERDOWN) once they agree
+            while control.decide(kept[0]).verdict is not Verdict.TEMPFAIL:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        detected = time.monotonic()
+        time.sleep(0.5)
+        poller.halt.set()
+        poller.join(10)
+
+        # (a sample: in CLUSTERDOWN each lookup takes ~0.5 s, redis-py's retry pauses)
+        for ip in sorted(lost)[:8]:
+            d = control.decide(ip)
+            assert d.verdict is Verdict.TEMPFAIL and d.kind == "store", (ip, d)
+        for ip in kept[:8]:
+            d = control.decide(ip)
+            want = Verdict.ALLOW if full_coverage == "no" else Verdict.TEMPFAIL
+            assert d.verdict is want, (ip, d)
+        for ip in strangers[:8]:
+            assert control.decide(ip).verdict in (Verdict.DENY, Verdict.TEMPFAIL)
+        if full_coverage == "yes":
+            assert "CLUSTERDOWN" in control.decide(kept[0]).reason or \
+                "cluster is down" in control.decide(kept[0]).reason.lower()
+        else:
+            # new windows on the surviving masters still open; list and age visit every
+            # bucket, the lost ones too: StoreError, never a partial answer
+            fresh = next(f"192.0.2.{i}" for i in range(1, 250) if store._bucket(
+                f"192.0.2.{i}") == store._bucket(kept[0]))
+            control.open_window(fresh, user="bob", source="imap")
+            assert control.decide(fresh).verdict is Verdict.ALLOW
+            with pytest.raises(StoreError):
+                store.list(time.time())
+            with pytest.raises(StoreError):
+                store.age(time.time())
+
+        log = poller.log
+        assert not [e for e in log if e[1].startswith("203.") and e[2] is Verdict.ALLOW]
+        assert not [e for e in log if e[1] in known and e[2] is Verdict.DENY]
+        assert any(e[1] in lost and e[2] is Verdict.TEMPFAIL for e in log)
+        assert detected - killed < FAILOVER_BOUND
+    finally:
+        store.close()
+        cluster.stop()
+
+
 # -- Sentinel failover -----------------------------------------------------------------
 
 
-@pytest.fixture
-def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
-    """A private master/replica/3-sentinel set: this test kills its master."""
-    ss = start_sentinel_set(need_program("redis-server"), tmp_path)
+@pytest.fixture(params=["plain", "tls"])
+def sentinel_set(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SentinelSet]:
+    """A private master/replica/3-sentinel set: this test kills its master. ``tls``: every
+    link is TLS (clients with client certificates, replication, the sentinels)."""
+    tls = request.getfixturevalue("pki").tls() if request.param == "tls" else None
+    ss = start_sentinel_set(need_program("redis-server"), tmp_path, tls=tls)
     yield ss
     ss.stop()
 
@@ -302,7 +402,9 @@ def test_sentinel_failover(sentinel_set: SentinelSet, capsys: pytest.CaptureFixt
         inside = [t for t, _, _ in tempfails if killed <= t <= recovered] or [killed]
         gap = max(inside) - min(inside)
         with capsys.disabled():
-            print(f"\nsentinel failover: decisions correct again {recovered - killed:.1f} s after "
+            tls = " (TLS)" if ss.tls else ""
+            print(f"\nsentinel failover{tls}: decisions correct again "
+                  f"{recovered - killed:.1f} s after "
                   f"SIGKILL of the master; {len(tempfails)} of {len(log)} polled decisions "
                   f"TEMPFAIL over {gap:.1f} s ({len(outside)} outside the gap); "
                   f"{kept}/{len(unwaited)} "
@@ -347,7 +449,7 @@ def test_sentinel_store_follows_a_manual_failover_back(sentinel_set: SentinelSet
         except Exception:
             time.sleep(0.1)
     assert ok
-    new = redis.Redis(host="127.0.0.1", port=ss.master_port() or 0, socket_timeout=2)
+    new = next(n for n in (ss.master, ss.replica) if n.port == ss.master_port()).client()
     try:
         assert new.hget("mf:192.0.2.2", "user") == b"bob"
         assert new.hget("mf:192.0.2.1", "user") == b"alice"  # replicated, then promoted

@@ -124,9 +124,19 @@ def _read_uidlist(path: str) -> UidList:
     return UidList.file_read(path)
 
 
+class _Lock:
+    """A held dotlock: its descriptor, and whether :func:`_commit` renamed it away."""
+
+    __slots__ = ("committed", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.committed = False
+
+
 @contextlib.contextmanager
-def _dotlock(path: str) -> Iterator[int]:
-    """Dovecot's dotlock on the uidlist: yields the lock file's descriptor."""
+def _dotlock(path: str) -> Iterator[_Lock]:
+    """Dovecot's dotlock on the uidlist."""
     lock = UidList.get_lock(path)
     deadline = time.monotonic() + LOCK_WAIT
     delay = 0.005
@@ -143,24 +153,29 @@ def _dotlock(path: str) -> Iterator[int]:
                 raise IndexLockTimeout(lock) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
+    held = _Lock(fd)
     try:
-        yield fd
+        yield held
     finally:
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
+        if not held.committed:
+            # Once renamed over the uidlist the name is free: another writer may
+            # already hold a new lock file by that name, which is not ours to remove.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
 
 
-def _commit(path: str, uidl: UidList, fd: int) -> None:
+def _commit(path: str, uidl: UidList, held: _Lock) -> None:
     """Write ``uidl`` into the held lock file and rename it over the uidlist."""
     buf = io.StringIO()
     uidl.write(buf)
     data = buf.getvalue().encode("utf-8")
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
+        view = view[os.write(held.fd, view):]
+    os.fsync(held.fd)
     os.replace(UidList.get_lock(path), UidList.get_file(path))
+    held.committed = True
     dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -209,7 +224,7 @@ def refresh(previous: Index, path: str, root: str, *,
         stale = [key for key in stale if key not in again]
     if not unnumbered and not stale and stamp is not None:
         return index
-    with _dotlock(path) as fd:
+    with _dotlock(path) as held:
         uidl = _read_uidlist(path)  # under the lock: another writer may have numbered
         keys = {rec.key: rec.uid for rec in uidl.records}
         gone = set(stale)
@@ -224,7 +239,7 @@ def refresh(previous: Index, path: str, root: str, *,
                       "T": str(ObjectId.random_thread_id())}
             uidl.set(Record(uidl.next_uid, fields, f"{key}{COLON}{meta.info}"))
             uidl.next_uid += 1
-        _commit(path, uidl, fd)
+        _commit(path, uidl, held)
     return _to_index(uidl, files, _stamp(path))
 
 
@@ -238,12 +253,12 @@ def forget(path: str, keys: Collection[str]) -> None:
     wanted = set(keys)
     if not any(rec.key in wanted for rec in _read_uidlist(path).records):
         return
-    with _dotlock(path) as fd:
+    with _dotlock(path) as held:
         uidl = _read_uidlist(path)
         for rec in list(uidl.records):
             if rec.key in wanted:
                 uidl.remove(rec.uid)
-        _commit(path, uidl, fd)
+        _commit(path, uidl, held)
 
 
 def forget_deleted(path: str, keys: Collection[str]) -> None:

@@ -66,6 +66,7 @@ is down at start-up is TEMPFAIL like any other outage.
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 from collections.abc import Callable
@@ -75,7 +76,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import MasterNotFoundError
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from relaygate.addresses import require_canonical
 from relaygate.errors import ConfigError, StoreError
@@ -105,6 +106,15 @@ LIST_BATCH = 1000
 #: sixteenth of 0..16383 (tests/stores/test_redis_ha.py checks it).
 CLUSTER_TAGS = ("03", "122", "212", "311", "461", "562", "60", "742",
                 "843", "940", "a21", "b60", "c13", "d13", "e61", "f20")
+
+#: How redis-py words a connection the server closed during or right after the TLS
+#: handshake (a client certificate missing or refused; plain text to a TLS port).
+_CLOSED = ("EOF occurred in violation of protocol", "Connection reset by peer",
+           "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE",
+           "TLSV1_ALERT_UNKNOWN_CA")
+
+#: The TLS options that name files.
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 #: What redis-py raises: RedisClusterException is not a RedisError.
 _ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
@@ -177,6 +187,32 @@ return #ips
 
 
 
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel client whose MasterNotFoundError says, in a few words per
+    sentinel, why none named a master: unreachable (with the TLS or password error),
+    master seen as down, or service unknown."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        why: list[str] = []
+        for i, sentinel in enumerate(self.sentinels):
+            kw = sentinel.connection_pool.connection_kwargs
+            where = f"{kw.get('host')}:{kw.get('port')}"
+            try:
+                masters = cast("dict[str, dict[str, Any]]", sentinel.sentinel_masters())
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                why.append(f"{where}: {type(exc).__name__}: {exc}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(  # type: ignore[no-untyped-call]
+                state, service_name
+            ):
+                # the one that answered is asked first next time (as redis-py does)
+                self.sentinels[0], self.sentinels[i] = sentinel, self.sentinels[0]
+                return state["ip"], state["port"]
+            why.append(f"{where}: " + ("no live master" if state else "service unknown"))
+        raise MasterNotFoundError("; ".join(why))
+
+
 def _num(value: float) -> str:
     # repr() round-trips a float exactly; Redis parses it with strtod.
     return repr(float(value))
@@ -217,6 +253,8 @@ class RedisStore:
         self._connect = connect
         self._on_close = on_close
         self._sentinels = ""  # "host:port, ..." for errors, when the store uses Sentinel
+        #: None: no TLS; else the TLS files it was given (ssl_ca_certs, ssl_certfile, ...)
+        self._tls: dict[str, str] | None = None
         self._lock = threading.Lock()
         self._client: Any = None
         if client is not None:
@@ -277,7 +315,11 @@ class RedisStore:
             )
         except ValueError as exc:
             raise ConfigError(f"bad Redis store URL ({exc})", value=redact_url(url)) from None
-        return cls(client, prefix, owns_client=True)
+        store = cls(client, prefix, owns_client=True)
+        options = dict(rest)
+        if parts.scheme == "rediss":
+            store._tls = {k: v for k, v in options.items() if k in _TLS_FILES}
+        return store
 
     @classmethod
     def _from_ha_url(cls, parsed: HaRedisURL) -> RedisStore:
@@ -296,8 +338,6 @@ class RedisStore:
             data["ssl"] = True
             data.update(tls)
         if parsed.sentinel:
-            from redis.sentinel import Sentinel
-
             assert parsed.service is not None
             # No retries against a sentinel (redis-py's default backs off for seconds):
             # discover_master already asks the next one.
@@ -308,7 +348,7 @@ class RedisStore:
             if opts.get("sentinel_ssl", opts.get("ssl")):
                 side["ssl"] = True
                 side.update(tls)
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel = _Sentinel(  # type: ignore[no-untyped-call]
                 list(parsed.hosts), sentinel_kwargs=side
             )
             client = sentinel.master_for(  # type: ignore[no-untyped-call]
@@ -322,6 +362,8 @@ class RedisStore:
             store = cls(client, prefix, owns_client=True, mode="sentinel",
                         on_close=close_sentinels)
             store._sentinels = ", ".join(f"{h}:{p}" for h, p in parsed.hosts)
+            if opts.get("ssl") or opts.get("sentinel_ssl"):
+                store._tls = {k: str(v) for k, v in tls.items() if k in _TLS_FILES}
             return store
 
         from redis.cluster import ClusterNode, RedisCluster
@@ -334,14 +376,40 @@ class RedisStore:
                 **data,
             )
 
-        return cls(None, prefix, owns_client=True, connect=connect, cluster=True, mode="cluster")
+        store = cls(None, prefix, owns_client=True, connect=connect, cluster=True,
+                    mode="cluster")
+        if opts.get("ssl"):
+            store._tls = {k: str(v) for k, v in tls.items() if k in _TLS_FILES}
+        return store
 
     def _error(self, what: str, exc: Exception) -> StoreError:
         if isinstance(exc, MasterNotFoundError):
-            # redis-py's text repeats the repr of every sentinel client: say it short
+            # _Sentinel says briefly why each sentinel gave no master (a TLS or password
+            # problem with the sentinels must not pass for a dead master)
+            why = f" ({exc})" if str(exc) else ""
             return StoreError(f"redis: {what}: MasterNotFoundError: no sentinel "
-                              f"({self._sentinels}) names a live master for that service")
-        return StoreError(f"redis: {what}: {type(exc).__name__}: {exc}")
+                              f"({self._sentinels}) names a live master for that service"
+                              f"{why}{self._hint(why)}")
+        return StoreError(f"redis: {what}: {type(exc).__name__}: {exc}{self._hint(str(exc))}")
+
+    def _hint(self, text: str) -> str:
+        """What redis-py's words most likely mean, given our TLS settings: it only says
+        "EOF occurred in violation of protocol" or "Connection reset by peer" for a
+        connection the server closed, and "No such file or directory" without the file."""
+        if self._tls is not None and ("No such file" in text or "Permission denied" in text):
+            bad = [f"{k}={v}" for k, v in self._tls.items() if not os.access(v, os.R_OK)]
+            if bad:
+                return f" (cannot read {', '.join(bad)})"
+        if not any(t in text for t in _CLOSED):
+            return ""
+        if self._tls is None:
+            return " (if that port speaks TLS, use rediss:// or ssl=true)"
+        cert = self._tls.get("ssl_certfile")
+        if not cert:
+            return (" (the server closed the TLS connection: if it requires client "
+                    "certificates (tls-auth-clients yes), set ssl_certfile and ssl_keyfile)")
+        return (f" (the server closed the TLS connection: does it accept the client "
+                f"certificate {cert}? its CA must be in the server's tls-ca-cert-file)")
 
     @staticmethod
     def _grant(ip: str, fields: dict[bytes, bytes]) -> Grant:

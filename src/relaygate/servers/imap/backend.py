@@ -51,6 +51,7 @@ from pymap.selected import SelectedMailbox
 from relaygate.interfaces import Account
 from relaygate.mail.maildir import deliver
 from relaygate.mail.uidlist import FileMeta, Index, forget, read_messages, refresh
+from relaygate.servers.imap.notify import IdleWait
 
 log = logging.getLogger("relaygate.imap")
 
@@ -59,8 +60,6 @@ log = logging.getLogger("relaygate.imap")
 MAX_FOLDER_NAME = 255
 #: a FETCH or SEARCH reads message files in batches of about this many bytes per thread hop
 READ_AHEAD_BYTES = 1 << 20
-#: seconds between an IDLE session's checks for new mail (pymap's interval)
-IDLE_POLL_INTERVAL = 1.0
 #: a folder whose stamps (directory and uidlist mtimes) are older than this is
 #: "unchanged" when they are equal; fresher ones may hide a second change made
 #: within the same file-system clock tick, so they always mean "rescan"
@@ -207,10 +206,12 @@ class Folder(MailboxData):
     (:meth:`reset`); listing, FETCH metadata and snapshots are served from
     memory; message contents are read and parsed in a thread, up to
     :data:`READ_AHEAD_BYTES` per hop, in the order the command will ask for
-    them. IDLE polls only the directories' stamps (:meth:`_signature`).
+    them. IDLE sleeps until the folder changes (:mod:`.notify`) and looks at
+    the directories' stamps (:meth:`_signature`) before a rescan.
     """
 
     _idle_sig: tuple[int, ...] | None = None
+    _idle: IdleWait | None = None
 
     def __init__(self, mailbox_id: ObjectId, maildir: Maildir, path: str) -> None:
         super().__init__(mailbox_id, maildir, path)
@@ -256,6 +257,11 @@ class Folder(MailboxData):
         return self._index
 
     async def reset(self) -> MailboxData:
+        idle = self._idle
+        if idle is not None and not idle.done.is_set():
+            # pymap asks for the folder again before each wait of an IDLE;
+            # update_selected rescans when the folder changed, not here
+            return self
         await self._refresh()
         return self
 
@@ -432,13 +438,23 @@ class Folder(MailboxData):
         if wait_on is None:
             self._idle_sig = None
             return await super().update_selected(selected)
-        # IDLE: the first poll always scans (it also reports what earlier
-        # commands were not allowed to, e.g. expunges during FETCH); later
-        # polls scan only when the folder changed.
-        await wait_on.wait(timeout=IDLE_POLL_INTERVAL)
-        sig = self._signature()
-        if sig is not None and sig == self._idle_sig:
-            return selected
+        # IDLE (pymap calls this in a loop until ``wait_on``, the client's DONE):
+        # the first call watches the folder, then scans at once (it also reports
+        # what earlier commands were not allowed to, e.g. expunges during FETCH);
+        # later calls sleep until the kernel reports a change (see notify) or
+        # the next look is due, and return only when there is something to scan.
+        idle = self._idle
+        if idle is None or idle.done is not wait_on:
+            self._idle = IdleWait(str(self.maildir.root), wait_on)
+            sig = self._signature()
+        else:
+            while True:
+                changed = await idle.wait()
+                if wait_on.is_set():
+                    return selected
+                sig = self._signature()
+                if changed or sig is None or sig != self._idle_sig:
+                    break
         await self._refresh()
         result = await super().update_selected(selected)
         self._idle_sig = sig

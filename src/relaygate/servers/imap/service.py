@@ -58,7 +58,8 @@ The package: ``service`` (this module: listeners, logins, windows, pymap's
 configuration), ``connection`` (the per-connection loop, limits and login
 rules), ``backend`` (folders over Maildir), ``rawfetch`` (FETCH of message
 bytes and headers without a MIME parse, rendered in a worker thread),
-``pymap_fixes`` (the defects that cannot be fixed by subclassing, installed by
+``notify`` (IDLE woken by inotify, one watch per folder), ``pymap_fixes`` (the
+defects that cannot be fixed by subclassing, installed by
 :func:`pymap_fixes.apply` when the service is built: importing relaygate
 changes nothing in pymap).
 
@@ -94,7 +95,7 @@ from relaygate.errors import ConfigError
 from relaygate.interfaces import Account, LoginResult
 from relaygate.log import event
 from relaygate.servers.accept import Peer
-from relaygate.servers.imap import pymap_fixes
+from relaygate.servers.imap import notify, pymap_fixes
 from relaygate.servers.imap.connection import (
     CONSECUTIVE_BAD_LIMIT,
     MAX_LINE,
@@ -200,6 +201,8 @@ class ImapService:
         #: open connections per client address, all IMAP listeners together
         self.limiter = AddressLimiter(s.imap.max_connections_per_ip, s.ipv6_prefix,
                                       unix_key="unix")
+        #: wakes IDLE sessions when their folder changes (inotify)
+        self.notifier = notify.Notifier()
 
     def listeners(self) -> list[str]:
         if self._listeners:
@@ -260,6 +263,7 @@ class ImapService:
         for listener in self._listeners:
             await listener.wait_closed(1.0)
         self._listeners.clear()
+        self.notifier.close()
 
     # connections
 
@@ -276,6 +280,7 @@ class ImapService:
         task = asyncio.current_task()
         assert task is not None
         self._tasks[task] = writer
+        notify.current.set(self.notifier)  # this connection's task and its children
         gauge = self.ctx.metrics.connections.labels("imap")
         gauge.inc()
         # A listener on loopback is trusted for plaintext logins, unless a proxy
