@@ -6,7 +6,8 @@ No pytest here (the benchmark loads this file too): callers find the programs.
 - :func:`start_sentinel_set`: a master, one replica and three sentinels watching
   them with a short ``down-after-milliseconds``, so a killed master is replaced
   within seconds;
-- :func:`start_cluster`: three masters joined by ``redis-cli --cluster create``.
+- :func:`start_cluster`: three masters (optionally with replicas) joined by
+  ``redis-cli --cluster create``.
 
 Each takes ``tls=Tls(...)``: then every server listens on a TLS port only
 (``--port 0 --tls-port N``), replicas, sentinels and the cluster bus speak TLS
@@ -32,6 +33,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports (all bound at once while choosing, so a cluster's
+    client and bus ports never collide with each other)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _wait(what: str, check: object, timeout: float = START_TIMEOUT) -> None:
@@ -238,11 +252,16 @@ class Cluster:
 
 
 def start_cluster(exe: str, cli: str, workdir: Path, *args: str, masters: int = 3,
-                  ports: list[int] | None = None, tls: Tls | None = None) -> Cluster:
-    """``masters`` cluster nodes (no replicas), slots split evenly by ``--cluster create``;
-    ``args`` go to every node; with ``tls`` clients and the cluster bus speak TLS."""
+                  replicas: int = 0, ports: list[int] | None = None,
+                  tls: Tls | None = None) -> Cluster:
+    """``masters`` cluster masters with ``replicas`` replicas each, slots split evenly by
+    ``--cluster create``; ``args`` go to every node; with ``tls`` clients and the cluster
+    bus speak TLS."""
     nodes = []
-    ports = ports or [free_port() for _ in range(masters)]
+    count = len(ports) if ports else masters * (1 + replicas)
+    chosen = free_ports(count * 2)
+    bus = [p for p in chosen if not ports or p not in ports][:count]
+    ports = ports or chosen[count:]
     tls_args = ("--tls-cluster", "yes", "--tls-replication", "yes") if tls else ()
     cli_tls = [] if tls is None else [
         "--tls", "--cacert", str(tls.ca), "--cert", str(tls.client_cert),
@@ -251,11 +270,11 @@ def start_cluster(exe: str, cli: str, workdir: Path, *args: str, masters: int = 
         for i, port in enumerate(ports):
             nodes.append(start_server(
                 exe, workdir / f"node{i}", "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf", "--cluster-port", str(free_port()),
+                "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus[i]),
                 "--cluster-node-timeout", "2000", *tls_args, *args, port=port, tls=tls))
         subprocess.run(
             [cli, *cli_tls, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
 
         def ok() -> bool:
@@ -264,11 +283,14 @@ def start_cluster(exe: str, cli: str, workdir: Path, *args: str, masters: int = 
                 try:
                     if c.cluster("INFO").get("cluster_state") != "ok":
                         return False
+                    repl = c.info("replication")
+                    if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                        return False
                 finally:
                     c.close()
             return True
 
-        _wait("cluster_state:ok on every node", ok)
+        _wait("cluster_state:ok on every node (and every replica in sync)", ok)
     except BaseException:
         for n in nodes:
             n.stop()
