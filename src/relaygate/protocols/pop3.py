@@ -656,8 +656,12 @@ _TRANSACTION_COMMANDS: dict[str, _Handler] = {
 }
 
 
+#: octets 0x20-0x7E: what a command's arguments may hold
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
 def _printable(b: bytes) -> bool:
-    return all(0x20 <= c <= 0x7E for c in b)
+    return not b.translate(None, _PRINTABLE)  # nothing left once the printable are gone
 
 
 def _is_md5_hex(s: str) -> bool:

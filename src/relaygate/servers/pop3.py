@@ -117,7 +117,7 @@ PENDING_LIMIT = 64 * 1024
 #: a message up to this size is read whole in one thread hop and sent at once
 READ_WHOLE = 1024 * 1024
 #: octets of messages a session reads ahead of their RETR (see Pop3Service._plan_ahead)
-READ_AHEAD = 128 * 1024
+READ_AHEAD = 256 * 1024
 #: and at most this many messages
 READ_AHEAD_MESSAGES = 64
 #: bytes read per thread hop from a larger message while sending it
