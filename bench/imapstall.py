@@ -259,7 +259,7 @@ def main() -> int:
     print()
     print(f"{'target':<46} {'measured':>9} {'limit':>8} {'ratio':>6} verdict")
     print(f"{'SMTP -s 1 latency, 10 MB FETCH repeating / idle':<46} {ratio:>9.2f} "
-          f"{'<= 2':>8} {ratio / TARGET:>6.2f} {'ok' if ratio <= TARGET else 'MISS'}")
+          f"{'<=2':>8} {ratio / TARGET:>6.2f} {'ok' if ratio <= TARGET else 'MISS'}")
     return 0
 
 

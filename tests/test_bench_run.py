@@ -55,6 +55,18 @@ redis age 10,000 of 1,000,000 (s)        2.000     1.0   2.00  MISSES
     assert got[2].verdict == "MISSES" and got[2].ratio == "2.00" and got[0].limit == "100.0"
 
 
+def test_a_limit_written_with_a_space_is_one_cell() -> None:
+    run = _load()
+    out = """target                                   measured    limit  ratio verdict
+FETCH 1000 x 10 KB MB/s vs Dovecot           1.36     >= 0.5   2.72 ok
+SELECT after pruning 1000 stale (s)         0.004    <= 0.1   0.04 ok
+"""
+    got = run.parse("imap", out)
+    assert [(t.name, t.measured, t.limit, t.ratio, t.verdict) for t in got] == [
+        ("FETCH 1000 x 10 KB MB/s vs Dovecot", "1.36", ">=0.5", "2.72", "ok"),
+        ("SELECT after pruning 1000 stale (s)", "0.004", "<=0.1", "0.04", "ok")]
+
+
 def test_help_and_unknown_benchmark() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run"), "--help"],
                        capture_output=True, text=True, timeout=30)
