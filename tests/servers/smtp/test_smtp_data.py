@@ -235,6 +235,21 @@ async def test_budget_serves_waiters_in_order_and_forgets_cancelled_ones() -> No
     assert order == ["a", "c"] and budget.used == 900_000 and budget.waiting == 0
 
 
+async def test_a_waiter_cancelled_as_room_is_given_goes_quietly() -> None:
+    """Cancelled (client gone) in the same turn as room is given: CancelledError, no other."""
+    budget = DataBudget(MESSAGE_BUFFER)
+    await budget.take(MESSAGE_BUFFER)
+    a = asyncio.create_task(budget.take(100))
+    b = asyncio.create_task(budget.take(200))
+    await asyncio.sleep(0)
+    a.cancel()
+    budget.give(MESSAGE_BUFFER)  # drops the cancelled waiter, grants b
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    await b
+    assert budget.used == 200 and budget.waiting == 0
+
+
 def test_transfers_holding_small_unwritten_pieces_do_not_stall_each_other(
         tmp_path: Path) -> None:
     """The whole budget held by pieces below WRITE_AT (not yet written) must still drain.

@@ -96,7 +96,7 @@ class DataBudget:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.give(n)  # granted, but the transfer is gone
-            else:
+            elif entry in self._waiters:  # _grant may have dropped it already
                 self._waiters.remove(entry)
                 self._grant()  # someone behind may fit now
             raise
