@@ -15,6 +15,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -379,8 +380,8 @@ def test_streaming_holds_pieces_not_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
 def test_a_client_that_stops_reading_is_dropped(tmp_path: Path, eol: bytes) -> None:
     """A FETCH of a large message to a client that reads nothing: the write times out
-    (imap.idle_timeout), the connection is dropped, the worker thread lets go (the
-    file is sent by os.sendfile from a thread, or converted in pieces), and the
+    (imap.idle_timeout), the connection is dropped, the send stops (the file is
+    sent by os.sendfile, or converted in pieces in a worker thread), and the
     server goes on serving."""
     h = Harness(tmp_path, imap={"idle_timeout": 1.0}).start()
     try:
@@ -404,5 +405,37 @@ def test_a_client_that_stops_reading_is_dropped(tmp_path: Path, eol: bytes) -> N
         assert other.cmd(b"c", b"FETCH 1 RFC822.SIZE")[-1].startswith(b"c OK")
         other.close()
     finally:
+        h.stop()
+    h.assert_clean()
+
+
+def test_stalled_sendfile_readers_do_not_hold_the_worker_threads(tmp_path: Path) -> None:
+    """As many clients as the loop has worker threads FETCH a large CRLF message
+    (sent by os.sendfile) and read nothing: while their writes wait for the
+    socket (up to imap.idle_timeout), other sessions' FETCHes, which need a
+    worker thread, still get answered."""
+    h = Harness(tmp_path, imap={"idle_timeout": 120.0}).start()
+    stalled: list[Raw] = []
+    try:
+        data = b"Subject: big\r\n\r\n" + b"y" * 78 + b"\r\n" + (b"z" * 78 + b"\r\n") * 200_000
+        deliver(h.alice.maildir, data)
+        workers = min(32, (os.cpu_count() or 1) + 4)  # the default executor's threads
+        for _ in range(workers + 1):
+            r = Raw(h.port)
+            r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            assert r.cmd(b"a", f'LOGIN alice "{PASSWORD}"'.encode())[-1].startswith(b"a OK")
+            assert r.cmd(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
+            r.send(b"c FETCH 1 BODY.PEEK[]\r\n")
+            stalled.append(r)
+        time.sleep(1.0)  # their FETCHes fill the socket buffers and wait
+        other = Raw(h.port, timeout=20.0)
+        assert other.cmd(b"a", f'LOGIN alice "{PASSWORD}"'.encode())[-1].startswith(b"a OK")
+        assert other.cmd(b"b", b"EXAMINE INBOX")[-1].startswith(b"b OK")
+        out = other.cmd(b"c", b"FETCH 1 BODY.PEEK[]<0.12>")
+        assert out[-1].startswith(b"c OK") and b"Subject: big" in b"".join(out), out
+        other.close()
+    finally:
+        for r in stalled:
+            r.close()
         h.stop()
     h.assert_clean()
