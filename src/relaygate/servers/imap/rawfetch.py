@@ -219,6 +219,8 @@ async def send(resp: RawFetchOk, writer: asyncio.StreamWriter) -> None:
                 # takes it (a thread waiting on a stalled client would hold one
                 # of the few worker threads every session needs); read in
                 # pieces when the socket does not take sendfile
+                if writer.transport.is_closing():  # (loop.sendfile: RuntimeError)
+                    raise ConnectionResetError("connection closed during FETCH")
                 chunk.file.seek(chunk.offset)  # (asyncio's fallback seeks only to offset > 0)
                 sent = await loop.sendfile(writer.transport, chunk.file, chunk.offset,
                                            chunk.count)
