@@ -11,11 +11,13 @@ before and during the command, large files streamed in pieces.
 from __future__ import annotations
 
 import errno
+import imaplib
 import io
 import os
 import re
 import shutil
 import socket
+import ssl
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -27,7 +29,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymap.message import BaseLoadedMessage
 from pymap.mime import MessageContent
-from test_imap import MULTIPART, PASSWORD, Harness, Raw
+from test_imap import (  # noqa: F401 (certs: a fixture)
+    MULTIPART,
+    PASSWORD,
+    BoundIMAP,
+    BoundIMAPSSL,
+    Harness,
+    Raw,
+    certs,
+)
 
 from relaygate.mail import uidlist
 from relaygate.mail.maildir import deliver
@@ -437,5 +447,41 @@ def test_stalled_sendfile_readers_do_not_hold_the_worker_threads(tmp_path: Path)
     finally:
         for r in stalled:
             r.close()
+        h.stop()
+    h.assert_clean()
+
+
+@pytest.mark.parametrize("how", ["implicit", "starttls"])
+def test_no_sendfile_over_tls(tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch,
+                              certs: tuple[Path, Path, ssl.SSLContext],  # noqa: F811
+                              ) -> None:
+    """A large CRLF message (sent by os.sendfile on a plain connection) reaches a
+    TLS client whole and encrypted: os.sendfile is never called for it."""
+    certfile, keyfile, client = certs
+    calls: list[int] = []
+    real_sendfile = os.sendfile
+
+    def recording_sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        calls.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", recording_sendfile)
+    h = Harness(tmp_path, public=True, tls=(certfile, keyfile)).start()
+    try:
+        data = b"Subject: big over TLS\r\n\r\n" + (b"t" * 78 + b"\r\n") * 40_000
+        deliver(h.alice.maildir, data)
+        if how == "implicit":
+            assert h.tls_port is not None
+            c: imaplib.IMAP4 = BoundIMAPSSL("127.0.0.1", h.tls_port, "127.0.0.3", client)
+        else:
+            c = BoundIMAP("127.0.0.1", h.port, "127.0.0.2")
+            assert c.starttls(ssl_context=client)[0] == "OK"
+        assert c.login("alice", PASSWORD)[0] == "OK"
+        c.select("INBOX", readonly=True)
+        typ, got = c.fetch("1", "(BODY.PEEK[])")
+        assert typ == "OK" and isinstance(got[0], tuple) and got[0][1] == data
+        assert calls == []
+        c.logout()
+    finally:
         h.stop()
     h.assert_clean()
