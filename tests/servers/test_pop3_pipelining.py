@@ -216,3 +216,36 @@ async def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(
             assert h.service.limiter.counts == {}
     finally:
         await h.stop()
+
+
+async def test_pipelined_listings_wait_for_a_client_that_does_not_read(
+        pop: Pop3Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UIDL is a few octets and its answer may be large: a client that pipelines
+    many and reads none must not make the server queue all their answers (it stops
+    between commands once a batch of replies is queued and the transport is full)."""
+    box = pop.db.find_account("alice").maildir  # type: ignore[union-attr]
+    for i in range(200):
+        deliver(box, b"Subject: %d\n\nx\n" % i)
+    queued: list[int] = []
+    real_write = pop3_module._Channel.write
+
+    def write(self: Any, data: bytes) -> None:
+        real_write(self, data)
+        assert self.transport is not None
+        queued.append(self.transport.get_write_buffer_size())
+
+    monkeypatch.setattr(pop3_module._Channel, "write", write)
+    s = await asyncio.to_thread(connect, pop.port())
+    with s:
+        s.setblocking(False)
+        payload = b"USER alice\r\nPASS alice-pw\r\n" + b"UIDL\r\nLIST\r\n" * 20_000
+        sent = 0
+        for _ in range(100):  # until the server stops reading (or 1 s)
+            try:
+                sent += s.send(payload[sent:sent + 65536])
+            except BlockingIOError:
+                pass
+            await asyncio.sleep(0.01)
+        assert sent > 2 * pop3_module.PENDING_LIMIT
+    # the transport's high-water mark, a batch of replies and one more listing
+    assert max(queued) < 512 * 1024

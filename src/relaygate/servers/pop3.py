@@ -114,6 +114,9 @@ _T = TypeVar("_T")
 
 #: bytes a client may send ahead (pipelined commands) before the server stops reading
 PENDING_LIMIT = 64 * 1024
+#: octets of replies the core queues before the server sends them and sees whether the
+#: client reads (commands with large answers, such as UIDL, pipelined)
+REPLY_BATCH = 64 * 1024
 #: a message up to this size is read whole in one thread hop and sent at once
 READ_WHOLE = 1024 * 1024
 #: octets of messages a session reads ahead of their RETR (see Pop3Service._plan_ahead)
@@ -589,14 +592,18 @@ class Pop3Service:
         while True:
             if ch.paused:
                 return DRAIN
-            ev = conn.next_event()
+            ev = conn.next_event(REPLY_BATCH)
             if isinstance(ev, StartTls):
                 return ev  # its "+OK" is sent by _start_tls
             out = conn.data_to_send()
             if out:
                 ch.write(out)
             if isinstance(ev, NeedData):
-                return DRAIN if ch.paused else None
+                if ch.paused:
+                    return DRAIN
+                if out and conn.buffered:
+                    continue  # the core stopped at REPLY_BATCH: more lines may wait
+                return None
             if isinstance(ev, Retrieve) and ev.top is None:
                 msg = session.messages[ev.index]
                 wire = session.ahead.pop(msg.name, None)
