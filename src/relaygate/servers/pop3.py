@@ -218,6 +218,8 @@ class _Channel(asyncio.Protocol):
         self._waiter: asyncio.Future[Served] | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        #: closed with replies unsent: drop them after the idle timeout (see close)
+        self._abort: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -269,6 +271,8 @@ class _Channel(asyncio.Protocol):
         self.paused = False
         self._wake(None)
         self._stop_timer()
+        if self._abort is not None:
+            self._abort.cancel()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -343,10 +347,14 @@ class _Channel(asyncio.Protocol):
         self._reading = True  # the TLS transport reads (and resumes the socket's reading)
 
     def close(self) -> None:
-        """Close after what is queued has been sent."""
+        """Close after what is queued has been sent, waiting for that at most the idle
+        timeout: a transport's close waits for ever for a client that does not read."""
         self._stop_timer()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size() and not self._lost:
+                self._abort = self.loop.call_later(self.timeout, transport.abort)
 
     # -- waiting ------------------------------------------------------------------
 
