@@ -10,6 +10,7 @@ modern convention ``SECONDS.M<usec>P<pid>Q<counter>.HOST`` (usec in six digits) 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -32,9 +33,26 @@ _HOST = _host()
 
 
 def ensure_maildir(path: Path, mode: int = 0o700) -> None:
-    """Create ``path`` with tmp/, new/ and cur/ if missing."""
-    for sub in SUBDIRS:
-        (path / sub).mkdir(parents=True, exist_ok=True, mode=mode)
+    """Create ``path`` with tmp/, new/ and cur/ if missing.
+
+    The entry of every directory made is fsynced in its parent: a message
+    committed into a new (or recreated) ``new/`` must not vanish with it in a
+    crash.
+    """
+    missing: list[Path] = []
+    for d in (path, *path.parents):
+        if d.is_dir():
+            break
+        missing.append(d)
+    missing.reverse()
+    missing += [path / sub for sub in SUBDIRS if not (path / sub).is_dir()]
+    for d in missing:
+        # made by a concurrent delivery meanwhile: its entry is synced below all the same
+        with contextlib.suppress(FileExistsError):
+            # parents with the default mode, as mkdir(parents=True) makes them
+            d.mkdir(mode=mode) if d == path or d.parent == path else d.mkdir()
+    for parent in dict.fromkeys(d.parent for d in missing):
+        sync_dir(parent)
 
 
 def unique_name(size: int | None = None) -> str:

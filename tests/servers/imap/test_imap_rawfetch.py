@@ -11,10 +11,13 @@ before and during the command, large files streamed in pieces.
 from __future__ import annotations
 
 import errno
+import imaplib
 import io
 import os
 import re
 import shutil
+import socket
+import ssl
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -26,7 +29,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymap.message import BaseLoadedMessage
 from pymap.mime import MessageContent
-from test_imap import MULTIPART, PASSWORD, Harness, Raw
+from test_imap import (  # noqa: F401 (certs: a fixture)
+    MULTIPART,
+    PASSWORD,
+    BoundIMAP,
+    BoundIMAPSSL,
+    Harness,
+    Raw,
+    certs,
+)
 
 from relaygate.mail import uidlist
 from relaygate.mail.maildir import deliver
@@ -379,8 +390,8 @@ def test_streaming_holds_pieces_not_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
 def test_a_client_that_stops_reading_is_dropped(tmp_path: Path, eol: bytes) -> None:
     """A FETCH of a large message to a client that reads nothing: the write times out
-    (imap.idle_timeout), the connection is dropped, the worker thread lets go (the
-    file is sent by os.sendfile from a thread, or converted in pieces), and the
+    (imap.idle_timeout), the connection is dropped, the send stops (the file is
+    sent by os.sendfile, or converted in pieces in a worker thread), and the
     server goes on serving."""
     h = Harness(tmp_path, imap={"idle_timeout": 1.0}).start()
     try:
@@ -403,6 +414,74 @@ def test_a_client_that_stops_reading_is_dropped(tmp_path: Path, eol: bytes) -> N
         assert other.cmd(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
         assert other.cmd(b"c", b"FETCH 1 RFC822.SIZE")[-1].startswith(b"c OK")
         other.close()
+    finally:
+        h.stop()
+    h.assert_clean()
+
+
+def test_stalled_sendfile_readers_do_not_hold_the_worker_threads(tmp_path: Path) -> None:
+    """As many clients as the loop has worker threads FETCH a large CRLF message
+    (sent by os.sendfile) and read nothing: while their writes wait for the
+    socket (up to imap.idle_timeout), other sessions' FETCHes, which need a
+    worker thread, still get answered."""
+    h = Harness(tmp_path, imap={"idle_timeout": 120.0}).start()
+    stalled: list[Raw] = []
+    try:
+        data = b"Subject: big\r\n\r\n" + b"y" * 78 + b"\r\n" + (b"z" * 78 + b"\r\n") * 200_000
+        deliver(h.alice.maildir, data)
+        workers = min(32, (os.cpu_count() or 1) + 4)  # the default executor's threads
+        for _ in range(workers + 1):
+            r = Raw(h.port)
+            r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            assert r.cmd(b"a", f'LOGIN alice "{PASSWORD}"'.encode())[-1].startswith(b"a OK")
+            assert r.cmd(b"b", b"SELECT INBOX")[-1].startswith(b"b OK")
+            r.send(b"c FETCH 1 BODY.PEEK[]\r\n")
+            stalled.append(r)
+        time.sleep(1.0)  # their FETCHes fill the socket buffers and wait
+        other = Raw(h.port, timeout=20.0)
+        assert other.cmd(b"a", f'LOGIN alice "{PASSWORD}"'.encode())[-1].startswith(b"a OK")
+        assert other.cmd(b"b", b"EXAMINE INBOX")[-1].startswith(b"b OK")
+        out = other.cmd(b"c", b"FETCH 1 BODY.PEEK[]<0.12>")
+        assert out[-1].startswith(b"c OK") and b"Subject: big" in b"".join(out), out
+        other.close()
+    finally:
+        for r in stalled:
+            r.close()
+        h.stop()
+    h.assert_clean()
+
+
+@pytest.mark.parametrize("how", ["implicit", "starttls"])
+def test_no_sendfile_over_tls(tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch,
+                              certs: tuple[Path, Path, ssl.SSLContext],  # noqa: F811
+                              ) -> None:
+    """A large CRLF message (sent by os.sendfile on a plain connection) reaches a
+    TLS client whole and encrypted: os.sendfile is never called for it."""
+    certfile, keyfile, client = certs
+    calls: list[int] = []
+    real_sendfile = os.sendfile
+
+    def recording_sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        calls.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", recording_sendfile)
+    h = Harness(tmp_path, public=True, tls=(certfile, keyfile)).start()
+    try:
+        data = b"Subject: big over TLS\r\n\r\n" + (b"t" * 78 + b"\r\n") * 40_000
+        deliver(h.alice.maildir, data)
+        if how == "implicit":
+            assert h.tls_port is not None
+            c: imaplib.IMAP4 = BoundIMAPSSL("127.0.0.1", h.tls_port, "127.0.0.3", client)
+        else:
+            c = BoundIMAP("127.0.0.1", h.port, "127.0.0.2")
+            assert c.starttls(ssl_context=client)[0] == "OK"
+        assert c.login("alice", PASSWORD)[0] == "OK"
+        c.select("INBOX", readonly=True)
+        typ, got = c.fetch("1", "(BODY.PEEK[])")
+        assert typ == "OK" and isinstance(got[0], tuple) and got[0][1] == data
+        assert calls == []
+        c.logout()
     finally:
         h.stop()
     h.assert_clean()

@@ -233,3 +233,53 @@ async def test_budget_serves_waiters_in_order_and_forgets_cancelled_ones() -> No
     budget.give(MESSAGE_BUFFER)
     await asyncio.gather(a, c)
     assert order == ["a", "c"] and budget.used == 900_000 and budget.waiting == 0
+
+
+async def test_a_waiter_cancelled_as_room_is_given_goes_quietly() -> None:
+    """Cancelled (client gone) in the same turn as room is given: CancelledError, no other."""
+    budget = DataBudget(MESSAGE_BUFFER)
+    await budget.take(MESSAGE_BUFFER)
+    a = asyncio.create_task(budget.take(100))
+    b = asyncio.create_task(budget.take(200))
+    await asyncio.sleep(0)
+    a.cancel()
+    budget.give(MESSAGE_BUFFER)  # drops the cancelled waiter, grants b
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    await b
+    assert budget.used == 200 and budget.waiting == 0
+
+
+def test_transfers_holding_small_unwritten_pieces_do_not_stall_each_other(
+        tmp_path: Path) -> None:
+    """The whole budget held by pieces below WRITE_AT (not yet written) must still drain.
+
+    Each of more transfers than the budget holds WRITE_AT-sized pieces of has just
+    under WRITE_AT bytes waiting, then sends more: a transfer that waits for room
+    must hand its own waiting bytes to the disk, or nothing is ever written, nobody
+    gets room, and (waiting for the disk is not the client's idleness) no timeout
+    ends it.
+    """
+    h = SmtpHarness(tmp_path, smtp={"data_memory_limit": MESSAGE_BUFFER,
+                                    "max_connections_per_ip": 100})
+    piece = (b"x" * 98 + b"\r\n") * ((WRITE_AT - 2000) // 100)
+    clients = MESSAGE_BUFFER // len(piece) + 2
+    try:
+        rs = []
+        for _ in range(clients):
+            r = RawClient("127.0.0.1", h.port(), timeout=30)
+            assert r.cmd("EHLO client.example").startswith("250")
+            assert r.cmd("MAIL FROM:<a@sender.example>").startswith("250")
+            assert r.cmd(f"RCPT TO:<bob@{LOCAL}>").startswith("250")
+            assert r.cmd("DATA").startswith("354")
+            rs.append(r)
+        for r in rs:
+            r.send(b"Subject: piece\r\n\r\n" + piece)
+        for r in rs:
+            r.send(piece + b".\r\n")
+        for r in rs:
+            assert r.reply().startswith("250 2.0.0")
+            r.close()
+        assert len(h.maildir_messages("bob")) == clients
+    finally:
+        h.stop()

@@ -119,3 +119,32 @@ def test_concurrent_deliveries_share_fsyncs_and_each_250_waits_for_its_own(
         assert any(renamed < start and end < replied for start, end in fsyncs), (
             "a 250 went out before a directory fsync covering its message",
             renamed, replied, fsyncs)
+
+
+def test_a_maildir_recreated_after_removal_has_its_entries_synced_before_250(
+        h: SmtpHarness, events: Events) -> None:
+    import shutil
+
+    msg = "Subject: again\r\n\r\nbody\r\n"
+    c = h.client()
+    assert c.sendmail("s@sender.example", [f"alice@{LOCAL}"], msg) == {}
+    mail = h.tmp / "mail"
+    # the administrator removes the mailbox, and the directory holding it
+    shutil.rmtree(mail)
+    assert c.sendmail("s@sender.example", [f"alice@{LOCAL}"], msg) == {}
+    replied = events.note("reply", "second")
+    c.quit()
+    assert len(h.maildir_messages("alice")) == 1
+    box = mail / "alice"
+
+    def synced(path: Path) -> bool:
+        """A fsync of ``path`` ended before the 250 (and after the directories came back)."""
+        return any(k == "dir-end" and w == str(path) and n < replied
+                   for n, k, w in events.items)
+
+    # each directory made again is named in its parent: those entries must be durable
+    # too, or a crash after the 250 loses new/ and the message in it
+    assert synced(box / "new")
+    assert synced(box), "alice's Maildir was not fsynced after new/ was made in it"
+    assert synced(mail), "mail/ was not fsynced after alice/ was made in it"
+    assert synced(h.tmp), "the data directory was not fsynced after mail/ was made in it"

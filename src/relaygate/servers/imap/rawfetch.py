@@ -24,9 +24,10 @@ everywhere in relaygate's IMAP), or a piece of them.
   :data:`STREAM_ABOVE` is never held whole: it is read twice in pieces of
   :data:`PIECE` bytes, once to count its size with CRLF line ends (a
   literal's length comes before it), once to send. When it needs no line-end
-  fix (what relaygate's SMTP server stores) and the connection has no TLS, a
-  worker thread sends it with ``os.sendfile`` instead: no copy through
-  Python, and none of the copying on the event loop.
+  fix (what relaygate's SMTP server stores) and the connection has no TLS,
+  the loop sends it with ``os.sendfile`` (``loop.sendfile``: non-blocking,
+  as much as the socket takes at a time) instead: no copy through Python,
+  and no worker thread held while a slow client reads.
 - What a FETCH learnt about a file (its size with CRLF line ends, whether it
   already has them) is kept per process (:func:`known_size`), so the next
   FETCH of it skips the check, and ``RFC822.SIZE`` needs no read.
@@ -39,13 +40,10 @@ bytes of both paths.
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import logging
 import os
 import re
-import select
-import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
@@ -71,12 +69,6 @@ CHUNK = 1 << 20
 STREAM_ABOVE = 1 << 20
 #: bytes read per piece of a streamed file
 PIECE = 256 * 1024
-
-#: seconds a sendfile thread waits for the socket before it looks whether the
-#: FETCH was cancelled (the client stopped reading, or the server stops)
-SENDFILE_WAIT = 0.5
-#: sendfile errors that mean "not for this socket or file"
-_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 #: items answered from the index alone (by pymap's value classes)
 _METADATA = frozenset({b"UID", b"FLAGS", b"INTERNALDATE", b"EMAILID", b"THREADID"})
@@ -208,7 +200,7 @@ async def send(resp: RawFetchOk, writer: asyncio.StreamWriter) -> None:
     """Write the FETCH responses: chunks built in a worker thread, one hop per
     chunk, each written and drained while the next one is built; on a plain
     socket, large files that need no line-end fix are sent by ``os.sendfile``
-    from a worker thread, so the copying does not hold up the loop either."""
+    (non-blocking, on the loop: no thread waits for a slow client)."""
     sock = writer.get_extra_info("socket")
     plain = writer.get_extra_info("sslcontext") is None and sock is not None \
         and hasattr(os, "sendfile")
@@ -222,17 +214,18 @@ async def send(resp: RawFetchOk, writer: asyncio.StreamWriter) -> None:
             if chunk is None:
                 break
             if isinstance(chunk, FileRange):
-                # the producer (which owns the file) waits until the range is sent
-                await _flushed(writer)
-                stop = threading.Event()
-                pending = loop.run_in_executor(None, sendfile_range, sock.fileno(), chunk, stop)
-                try:
-                    unsent = await asyncio.shield(pending)
-                except asyncio.CancelledError:
-                    stop.set()
-                    raise
-                if unsent:  # no sendfile for this socket after all
-                    await send_by_reads(writer, chunk)
+                # the producer (which owns the file) waits until the range is
+                # sent; os.sendfile runs on the loop, non-blocking, as the socket
+                # takes it (a thread waiting on a stalled client would hold one
+                # of the few worker threads every session needs); read in
+                # pieces when the socket does not take sendfile
+                if writer.transport.is_closing():  # (loop.sendfile: RuntimeError)
+                    raise ConnectionResetError("connection closed during FETCH")
+                chunk.file.seek(chunk.offset)  # (asyncio's fallback seeks only to offset > 0)
+                sent = await loop.sendfile(writer.transport, chunk.file, chunk.offset,
+                                           chunk.count)
+                if sent != chunk.count:
+                    raise OSError("message file shrank while sent")
                 pending = loop.run_in_executor(None, next, chunks, None)
                 continue
             pending = loop.run_in_executor(None, next, chunks, None)
@@ -241,61 +234,6 @@ async def send(resp: RawFetchOk, writer: asyncio.StreamWriter) -> None:
     finally:
         # the producer is closed (its file with it) when its thread's work is over
         pending.add_done_callback(lambda fut: _close(fut, chunks))
-
-
-async def _flushed(writer: asyncio.StreamWriter) -> None:
-    """Wait until the transport has handed everything written so far to the socket."""
-    await writer.drain()
-    while writer.transport.get_write_buffer_size():
-        await asyncio.sleep(0.001)
-
-
-def sendfile_range(sock_fd: int, part: FileRange, stop: threading.Event) -> bool:
-    """Send the range with ``os.sendfile`` (blocking: runs in a worker thread).
-
-    The socket is the transport's (non-blocking: the thread waits for it with
-    select); its descriptor is duplicated, so the connection cannot be closed
-    and its number reused under the thread. True when nothing could be sent
-    because the socket does not take sendfile.
-    """
-    fd = os.dup(sock_fd)
-    try:
-        offset, left = part.offset, part.count
-        src = part.file.fileno()
-        while left:
-            if stop.is_set():
-                raise ConnectionAbortedError("FETCH cancelled")
-            try:
-                n = os.sendfile(fd, src, offset, left)
-            except BlockingIOError:
-                select.select([], [fd], [], SENDFILE_WAIT)
-                continue
-            except OSError as exc:
-                if offset == part.offset and exc.errno in _NO_SENDFILE:
-                    return True
-                raise
-            if n == 0:
-                raise OSError("message file shrank while sent")
-            offset += n
-            left -= n
-        return False
-    finally:
-        os.close(fd)
-
-
-async def send_by_reads(writer: asyncio.StreamWriter, part: FileRange) -> None:
-    """Send a part of a file in pieces read in a worker thread."""
-    loop = asyncio.get_running_loop()
-    offset, left = part.offset, part.count
-    fd = part.file.fileno()
-    while left:
-        piece = await loop.run_in_executor(None, os.pread, fd, min(PIECE, left), offset)
-        if not piece:
-            raise OSError("message file shrank while read")
-        writer.write(piece)
-        await writer.drain()
-        offset += len(piece)
-        left -= len(piece)
 
 
 def _close(fut: asyncio.Future[Any],

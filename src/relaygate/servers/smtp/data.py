@@ -96,7 +96,7 @@ class DataBudget:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.give(n)  # granted, but the transfer is gone
-            else:
+            elif entry in self._waiters:  # _grant may have dropped it already
                 self._waiters.remove(entry)
                 self._grant()  # someone behind may fit now
             raise
@@ -153,6 +153,11 @@ class IncomingMessage:
                 await self._progress.wait()
                 if self._discarded:
                     return
+            if self.budget.waiting or self.budget.used + n > self.budget.limit:
+                # No room: what this transfer holds goes to the disk now (below
+                # WRITE_AT it would wait for more), or the budget can fill with
+                # bytes nobody writes while every transfer waits for room.
+                self._kick()
             await self.budget.take(n)
         finally:
             self.waiting = False
