@@ -216,3 +216,83 @@ async def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(
             assert h.service.limiter.counts == {}
     finally:
         await h.stop()
+
+
+async def test_pipelined_listings_wait_for_a_client_that_does_not_read(
+        pop: Pop3Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UIDL is a few octets and its answer may be large: a client that pipelines
+    many and reads none must not make the server queue all their answers (it stops
+    between commands once a batch of replies is queued and the transport is full)."""
+    box = pop.db.find_account("alice").maildir  # type: ignore[union-attr]
+    for i in range(200):
+        deliver(box, b"Subject: %d\n\nx\n" % i)
+    queued: list[int] = []
+    real_write = pop3_module._Channel.write
+
+    def write(self: Any, data: bytes) -> None:
+        real_write(self, data)
+        assert self.transport is not None
+        queued.append(self.transport.get_write_buffer_size())
+
+    monkeypatch.setattr(pop3_module._Channel, "write", write)
+    s = await asyncio.to_thread(connect, pop.port())
+    with s:
+        s.setblocking(False)
+        payload = b"USER alice\r\nPASS alice-pw\r\n" + b"UIDL\r\nLIST\r\n" * 20_000
+        sent = 0
+        for _ in range(100):  # until the server stops reading (or 1 s)
+            try:
+                sent += s.send(payload[sent:sent + 65536])
+            except BlockingIOError:
+                pass
+            await asyncio.sleep(0.01)
+        assert sent > 2 * pop3_module.PENDING_LIMIT
+    # the transport's high-water mark, a batch of replies and one more listing
+    assert max(queued) < 512 * 1024
+
+
+@pytest.mark.parametrize("sizes", [[2_000_000] * 4, [10_000] * 4], ids=["writing", "idle"])
+async def test_a_client_that_never_reads_does_not_keep_its_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int]) -> None:
+    """The session of a client that stops reading ends after the idle timeout (while
+    the server waits to write, or idle with replies still unsent) and frees its
+    per-address slot; its socket must not stay open holding the unsent replies (a
+    close waits for them for ever), or the client could open any number of them."""
+    h = await start_pop3(tmp_path, pop3={"idle_timeout": 0.5, "max_connections_per_ip": 1})
+    h.db.add("alice", "alice-pw")
+    box = h.db.find_account("alice").maildir  # type: ignore[union-attr]
+    for i, size in enumerate(sizes):
+        deliver(box, body(i, size))
+    channels: list[Any] = []
+    real_init = pop3_module._Channel.__init__
+
+    def init(self: Any, *args: Any) -> None:
+        real_init(self, *args)
+        channels.append(self)
+
+    real_made = pop3_module._Channel.connection_made
+
+    def made(self: Any, transport: Any) -> None:
+        # small socket buffers: what the client leaves unread stays in the transport
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        real_made(self, transport)
+
+    monkeypatch.setattr(pop3_module._Channel, "__init__", init)
+    monkeypatch.setattr(pop3_module._Channel, "connection_made", made)
+    try:
+        s = socket.socket()
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.bind(("127.0.0.2", 0))
+            s.settimeout(10)
+            await asyncio.to_thread(s.connect, ("127.0.0.1", h.port()))
+            s.sendall(b"USER alice\r\nPASS alice-pw\r\n"
+                      + b"".join(b"RETR %d\r\n" % i for i in range(1, 5)))
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if not h.service._sessions and channels[0]._lost:
+                    break
+            assert not h.service._sessions and h.service.limiter.counts == {}
+            assert channels[0]._lost  # the server let go of the socket
+    finally:
+        await h.stop()

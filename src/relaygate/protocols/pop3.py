@@ -262,14 +262,27 @@ class Pop3Connection:
         self._out.clear()
         return out
 
-    def next_event(self) -> Event:
-        """The next thing the I/O layer must do."""
+    def next_event(self, max_output: int | None = None) -> Event:
+        """The next thing the I/O layer must do.
+
+        With ``max_output``, NEED_DATA also comes once the replies queued reach that
+        many octets, though more command lines may be buffered: the caller sends them
+        (waiting while its client does not read) and calls again. Without it, a client
+        pipelining commands with large answers (UIDL, LIST) and reading none would
+        have them all answered into memory at once.
+        """
         if self._close is not None:
             self.state = State.CLOSED
             return self._close
         if self._pending is not None:
             raise Pop3UsageError(f"answer {type(self._pending).__name__} first")
+        counted = queued = 0
         while True:
+            if max_output is not None:
+                queued += sum(len(b) for b in self._out[counted:])
+                counted = len(self._out)
+                if queued >= max_output:
+                    return NEED_DATA
             line = self._next_line()
             if line is None:
                 if self._close is not None:

@@ -114,6 +114,9 @@ _T = TypeVar("_T")
 
 #: bytes a client may send ahead (pipelined commands) before the server stops reading
 PENDING_LIMIT = 64 * 1024
+#: octets of replies the core queues before the server sends them and sees whether the
+#: client reads (commands with large answers, such as UIDL, pipelined)
+REPLY_BATCH = 64 * 1024
 #: a message up to this size is read whole in one thread hop and sent at once
 READ_WHOLE = 1024 * 1024
 #: octets of messages a session reads ahead of their RETR (see Pop3Service._plan_ahead)
@@ -215,6 +218,8 @@ class _Channel(asyncio.Protocol):
         self._waiter: asyncio.Future[Served] | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        #: closed with replies unsent: drop them after the idle timeout (see close)
+        self._abort: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -266,6 +271,8 @@ class _Channel(asyncio.Protocol):
         self.paused = False
         self._wake(None)
         self._stop_timer()
+        if self._abort is not None:
+            self._abort.cancel()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -340,10 +347,14 @@ class _Channel(asyncio.Protocol):
         self._reading = True  # the TLS transport reads (and resumes the socket's reading)
 
     def close(self) -> None:
-        """Close after what is queued has been sent."""
+        """Close after what is queued has been sent, waiting for that at most the idle
+        timeout: a transport's close waits for ever for a client that does not read."""
         self._stop_timer()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size() and not self._lost:
+                self._abort = self.loop.call_later(self.timeout, transport.abort)
 
     # -- waiting ------------------------------------------------------------------
 
@@ -589,14 +600,18 @@ class Pop3Service:
         while True:
             if ch.paused:
                 return DRAIN
-            ev = conn.next_event()
+            ev = conn.next_event(REPLY_BATCH)
             if isinstance(ev, StartTls):
                 return ev  # its "+OK" is sent by _start_tls
             out = conn.data_to_send()
             if out:
                 ch.write(out)
             if isinstance(ev, NeedData):
-                return DRAIN if ch.paused else None
+                if ch.paused:
+                    return DRAIN
+                if out and conn.buffered:
+                    continue  # the core stopped at REPLY_BATCH: more lines may wait
+                return None
             if isinstance(ev, Retrieve) and ev.top is None:
                 msg = session.messages[ev.index]
                 wire = session.ahead.pop(msg.name, None)
