@@ -104,7 +104,8 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "pop3": Protocol("pop3", "pop3d", "--listen", pop3_login,
                      "[pop3]\nmax_connections_per_ip = 100000\n"),
-    "imap": Protocol("imap", "imapd", "--listen", imap_login, ""),
+    "imap": Protocol("imap", "imapd", "--listen", imap_login,
+                     "[imap]\nmax_connections_per_ip = 100000\n"),
 }
 
 
