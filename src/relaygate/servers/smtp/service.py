@@ -104,9 +104,6 @@ DATA_READ_SIZE = 64 * 1024
 STOP_POLL = 0.05
 #: a timer firing this close to its session's deadline times the session out
 TIMER_SLACK = 0.01
-#: seconds a connection closed by the server may take to flush its replies before
-#: it is cut (a client that reads nothing would otherwise hold it open for ever)
-CLOSE_GRACE = 10.0
 #: replies held for pipelined commands are written once they reach this many bytes
 HELD_REPLIES_LIMIT = 16 * 1024
 #: replies written at once (with those held before them): TLS handshake next, or a close
@@ -316,17 +313,6 @@ class RelaySMTP(SMTP):
         log.info("timeout for %s", self.client.shown_ip)
         self._say(f"421 4.4.2 {self.hostname} timeout, closing connection")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
-        self._abort_later()
-
-    def _abort_later(self) -> None:
-        """After close(): cut the connection if its replies are still unsent after CLOSE_GRACE."""
-        transport = self.transport
-
-        def abort() -> None:
-            if not self._gone and isinstance(transport, asyncio.WriteTransport):
-                transport.abort()
-
-        self.loop.call_later(CLOSE_GRACE, abort)
 
     def _say(self, line: str | None) -> None:
         """Write the held replies and a final line straight to the transport (no flow control)."""
@@ -395,7 +381,6 @@ class RelaySMTP(SMTP):
         self._say(f"421 4.7.0 {self.hostname} {why}, closing connection")
         if self.transport is not None:
             self.transport.close()
-            self._abort_later()
 
     async def handle_exception(self, error: Exception) -> str:
         """A client's failure (TLS setup, reset, timeout) is an info line; ours go on.
